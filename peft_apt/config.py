@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
+from huggingface_hub import hf_hub_download
 from peft.config import PeftConfig
-from peft.utils import PeftType
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, PeftType
 
 INIT_CHOICES = ("reference",)
 
@@ -101,3 +103,29 @@ class APTConfig(PeftConfig):
             raise ValueError("`layers_pattern` is only used together with `layers_to_transform`; set both.")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("`layers_to_transform` cannot be used with a regex `target_modules`; use a list of names.")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """Load the config, after checking that the adapter weights are safetensors: APT never loads pickles."""
+        hub_kwargs, _, _ = cls._split_kwargs(kwargs)
+        _require_safetensors_weights(pretrained_model_name_or_path, subfolder, hub_kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+
+
+def _require_safetensors_weights(model_id: str, subfolder: Optional[str], hub_kwargs: dict) -> None:
+    """PEFT falls back to a pickled `adapter_model.bin` when no safetensors file exists; refuse that for APT."""
+    directory = os.path.join(model_id, subfolder) if subfolder else model_id
+    if os.path.isdir(directory):
+        if os.path.isfile(os.path.join(directory, SAFETENSORS_WEIGHTS_NAME)):
+            return
+        reason = f"it holds {sorted(os.listdir(directory))}"
+    else:
+        try:
+            hf_hub_download(model_id, SAFETENSORS_WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs)
+            return
+        except Exception as exc:  # not found, offline without a cached copy, no access, ...
+            reason = f"{type(exc).__name__}: {exc}"
+    raise ValueError(
+        f"No {SAFETENSORS_WEIGHTS_NAME} found for the APT adapter at '{directory}' ({reason}). APT adapters load "
+        "from safetensors only, never from pickled files such as adapter_model.bin."
+    )

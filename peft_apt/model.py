@@ -90,6 +90,13 @@ class APTModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        if isinstance(child, APTLayer) and new_module is child.get_base_layer():
+            # unloading puts the untouched attention module back; PEFT's version assumes a Linear-like module
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
+
     def _check_merge_allowed(self) -> None:
         raise ValueError(MERGE_ERROR)
 
@@ -119,7 +126,10 @@ def check_apt_state_dict(model: nn.Module, state_dict: dict) -> None:
         for name, shape in incoming.items()
         if name in own and shape != own[name]
     ]
-    adapter_names = {name.rsplit(".", 1)[-1] for name in incoming}
+    # keys the model knows end in ".<apt tensor>.<adapter name>"; PEFT leaves unknown ones without the name
+    adapter_names = {
+        name.rsplit(".", 1)[-1] for name in incoming if name.rsplit(".", 2)[-2] in APTLayer.adapter_layer_names
+    }
     problems += [
         f"{name}: missing from the adapter"
         for name in own
