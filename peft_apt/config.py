@@ -1,0 +1,103 @@
+"""Configuration of Approximated Prompt Tuning (APT) adapters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+from peft.utils import PeftType
+
+INIT_CHOICES = ("reference",)
+
+
+@dataclass
+class APTConfig(PeftConfig):
+    """
+    Configuration of an [`APTModel`]: Approximated Prompt Tuning (Wu et al., arXiv 2306.15706).
+
+    APT replaces the `num_prompts` learnable tokens that deep prompt tuning joins to every layer's sequence by a
+    cheap approximation of their effect on each attention output, so prompts never enter the global attention.
+    Each adapted attention module learns prompts `P` (`num_prompts` x d), a low-rank map `W1` (d x `r`) and `W2`
+    (`r` x d), and a scalar log-scale `s`.
+
+    Args:
+        num_prompts (`int`, defaults to `200`):
+            Number of approximated prompts per adapted attention module (p). The paper's tables use 200 for ViLT
+            and METER; the authors' released ViLT script uses 50. Each prompt adds d parameters per module.
+        r (`int`, defaults to `4`):
+            Rank of the low-rank residual that maps prompts to their keys, `K = P + P @ W1 @ W2`. `0` disables
+            the residual (keys equal prompts).
+        target_modules (`Optional[Union[list[str], str]]`):
+            The attention modules to adapt: a list of module names (a name matches a module whose path ends with
+            it) or a regex that must match the whole path. APT adapts whole attention modules, such as ViLT's
+            `attention`, CLIP's `self_attn`, or any `torch.nn.MultiheadAttention`; never a single projection. When
+            `None`, the defaults for the model type are used (see `TRANSFORMERS_MODELS_TO_APT_TARGET_MODULES_MAPPING`).
+            Where a name matches nested modules, only the outermost one is adapted.
+        exclude_modules (`Optional[Union[list[str], str]]`):
+            Module names or a regex of modules not to adapt.
+        layers_to_transform (`Optional[Union[list[int], int]]`):
+            Layer indexes to adapt; only used with a list of `target_modules`. All layers when `None`.
+        layers_pattern (`Optional[Union[list[str], str]]`):
+            Name of the `nn.ModuleList` holding the layers (for example `'layer'` or `'layers'`), used together
+            with `layers_to_transform`.
+        apt_dropout (`float`, defaults to `0.0`):
+            Dropout probability on the prompt attention scores during training, as the reference code's `attn_drop`.
+        init_weights (`Union[bool, Literal["reference"]]`, defaults to `True`):
+            How to initialise the adapter. `True` uses the default initialisation, currently the reference one;
+            `"reference"` reproduces the authors' code exactly: `P ~ N(0, 0.02^2)`, `W1 ~ N(0, 1)`, `W2 = 0`,
+            `s = 0`. `False` draws every tensor at random, including `W2` and `s`, which only makes sense to test
+            that every term of the formula matters.
+        modules_to_save (`Optional[list[str]]`):
+            Modules besides the APT layers to train and save, for example a new classification head.
+    """
+
+    num_prompts: int = field(default=200, metadata={"help": "Number of approximated prompts per adapted module."})
+    r: int = field(default=4, metadata={"help": "Rank of the low-rank residual mapping prompts to keys; 0 disables it."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Attention modules to adapt: a list of names (matched on the end of the module path) or a regex "
+                "matched on the whole path, for example ['attention'] or '.*layers\\.\\d+\\.self_attn'. "
+                "None uses the model type's defaults."
+            )
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or a regex of modules to leave untouched."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Layer indexes to adapt (only with a list of target_modules)."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the ModuleList holding the layers, used with layers_to_transform."}
+    )
+    apt_dropout: float = field(default=0.0, metadata={"help": "Dropout on the prompt attention scores."})
+    init_weights: Union[bool, Literal["reference"]] = field(
+        default=True,
+        metadata={"help": "True: default initialisation; 'reference': the authors' initialisation; False: random."},
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules besides the APT layers to train and save, such as a new head."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PeftType.APT
+        self.target_modules = set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
+        self.exclude_modules = (
+            set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
+        )
+        if isinstance(self.num_prompts, bool) or not isinstance(self.num_prompts, int) or self.num_prompts <= 0:
+            raise ValueError(f"`num_prompts` must be a positive integer, got {self.num_prompts!r}.")
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 0:
+            raise ValueError(f"`r` must be a non-negative integer, got {self.r!r}.")
+        if not 0.0 <= self.apt_dropout < 1.0:
+            raise ValueError(f"`apt_dropout` must be in [0, 1), got {self.apt_dropout!r}.")
+        if not isinstance(self.init_weights, bool) and self.init_weights not in INIT_CHOICES:
+            raise ValueError(f"`init_weights` must be True, False or one of {INIT_CHOICES}, got {self.init_weights!r}.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("`layers_pattern` is only used together with `layers_to_transform`; set both.")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("`layers_to_transform` cannot be used with a regex `target_modules`; use a list of names.")

@@ -1,0 +1,214 @@
+"""The APT layer: an attention module whose output gains the approximated prompt term."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from functools import partial
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from .constants import OUTPUT_PROJECTION_NAMES
+
+MERGE_ERROR = (
+    "APT adapters cannot be merged into the base weights: the approximated prompt term depends on each input, it is "
+    "not a weight update. Use `unload()` to get the untouched base model back, or keep the adapter for inference."
+)
+
+
+def approximated_prompt_output(
+    output: torch.Tensor,
+    query_states: torch.Tensor,
+    prompts: torch.Tensor,
+    W1: torch.Tensor,
+    W2: torch.Tensor,
+    log_scale: torch.Tensor,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """
+    The APT formula of the authors' reference code, for one attention module.
+
+    `output` is O, the attention output right after its output projection, and `query_states` is X, the hidden
+    states entering the attention on the query side; both end in the hidden size d. Only the keys are computed once
+    per call; everything else is two batched matmuls over the tokens. The prompt weight `a` is a constant for
+    backpropagation, as in the reference code.
+
+        K  = P + (P @ W1) @ W2
+        A  = dropout(relu(X @ K^T))
+        a  = max_j A[..., j]          (detached)
+        O' = exp(s) * (O + a * (A @ P))
+    """
+    keys = prompts + (prompts @ W1) @ W2
+    scores = torch.relu(query_states @ keys.T)
+    scores = F.dropout(scores, p=dropout, training=training)
+    weight = scores.amax(dim=-1, keepdim=True).detach()
+    return log_scale.exp() * (output + weight * (scores @ prompts))
+
+
+def find_output_projection(attention: nn.Module) -> Optional[str]:
+    """Path, relative to `attention`, of the module whose output is O ("" for the module itself), or None."""
+    if isinstance(attention, nn.MultiheadAttention):
+        return ""
+    for path in OUTPUT_PROJECTION_NAMES:
+        try:
+            projection = attention.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(getattr(projection, "weight", None), torch.Tensor) and projection.weight.ndim == 2:
+            return path
+    return None
+
+
+class APTLayer(nn.Module, BaseTunerLayer):
+    """
+    Wraps an attention module and adds APT's approximated prompt term to its output projection's result.
+
+    The term needs X, the attention's query-side input, and must land right after the output projection (before
+    dropout, residual and, in post-LN blocks, the LayerNorm that live inside some attention modules). So the layer
+    reads X from its own call and adds the term through a forward hook on the projection that lives only for that
+    call. The base module is never modified.
+    """
+
+    adapter_layer_names = ("apt_prompt", "apt_W1", "apt_W2", "apt_s")
+    other_param_names = ("num_prompts", "r", "apt_dropout")
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        output_projection: str,
+        num_prompts: int,
+        r: int,
+        apt_dropout: float = 0.0,
+        init_weights: Union[bool, str] = True,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.output_projection = output_projection
+        self.apt_prompt = nn.ParameterDict({})
+        self.apt_W1 = nn.ParameterDict({})
+        self.apt_W2 = nn.ParameterDict({})
+        self.apt_s = nn.ParameterDict({})
+        self.num_prompts: dict[str, int] = {}
+        self.r: dict[str, int] = {}
+        self.apt_dropout: dict[str, float] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._active_adapter = adapter_name
+        # The first parameter of the attention's forward carries X (`hidden_states`, or `query` for
+        # nn.MultiheadAttention); models pass it positionally or by keyword.
+        self.query_argument = next(iter(inspect.signature(base_layer.forward).parameters))
+        self.update_layer(adapter_name, num_prompts, r, apt_dropout, init_weights)
+
+    @property
+    def hidden_size(self) -> int:
+        """d, taken from the module itself: composite configs (CLIP, BridgeTower) have no single hidden size."""
+        base_layer = self.get_base_layer()
+        if isinstance(base_layer, nn.MultiheadAttention):
+            return base_layer.embed_dim
+        return self._projection_weight().shape[0]
+
+    def _projection_weight(self) -> torch.Tensor:
+        base_layer = self.get_base_layer()
+        if isinstance(base_layer, nn.MultiheadAttention):
+            return base_layer.out_proj.weight
+        return base_layer.get_submodule(self.output_projection).weight
+
+    def update_layer(
+        self, adapter_name: str, num_prompts: int, r: int, apt_dropout: float, init_weights: Union[bool, str]
+    ) -> None:
+        d = self.hidden_size
+        self.num_prompts[adapter_name] = num_prompts
+        self.r[adapter_name] = r
+        self.apt_dropout[adapter_name] = apt_dropout
+        self.apt_prompt[adapter_name] = nn.Parameter(torch.empty(num_prompts, d))
+        self.apt_W1[adapter_name] = nn.Parameter(torch.empty(d, r))
+        self.apt_W2[adapter_name] = nn.Parameter(torch.empty(r, d))
+        self.apt_s[adapter_name] = nn.Parameter(torch.empty(1))
+        self.reset_apt_parameters(adapter_name, init_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    @torch.no_grad()
+    def reset_apt_parameters(self, adapter_name: str, init_weights: Union[bool, str]) -> None:
+        prompts, W1, W2, log_scale = (getattr(self, name)[adapter_name] for name in self.adapter_layer_names)
+        if prompts.is_meta:
+            return
+        # The reference code's initialisation: K = P and exp(s) = 1 at the start.
+        nn.init.normal_(prompts, mean=0.0, std=0.02)
+        nn.init.normal_(W1, mean=0.0, std=1.0)
+        if init_weights is False:
+            # Every term non-trivial, P W1 W2 on the scale of P; for tests only.
+            nn.init.normal_(W2, mean=0.0, std=1.0 / math.sqrt(W1.shape[0] * max(W1.shape[1], 1)))
+            nn.init.normal_(log_scale, mean=0.0, std=0.1)
+        else:
+            nn.init.zeros_(W2)
+            nn.init.zeros_(log_scale)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        """Follow the output projection's device and floating dtype (PEFT's autocast then keeps adapters in fp32)."""
+        weight = self._projection_weight()
+        dtype = weight.dtype if weight.dtype.is_floating_point else None
+        for name in self.adapter_layer_names:
+            parameters = getattr(self, name)
+            if adapter_name in parameters and not parameters[adapter_name].is_meta:
+                parameters[adapter_name] = parameters[adapter_name].to(device or weight.device, dtype=dtype)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        raise ValueError(MERGE_ERROR)
+
+    def unmerge(self) -> None:
+        raise ValueError(MERGE_ERROR)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.disable_adapters or not any(name in self.apt_prompt for name in self.active_adapters):
+            return self.base_layer(*args, **kwargs)
+        if self.query_argument in kwargs:
+            query_states = kwargs[self.query_argument]
+        elif args:
+            query_states = args[0]
+        else:
+            raise TypeError(
+                f"APT could not find the query-side hidden states: {type(self.base_layer).__name__} was called "
+                f"without a positional argument or `{self.query_argument}=`."
+            )
+        if query_states.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"APT on {type(self.base_layer).__name__}: the query-side input has last dimension "
+                f"{query_states.shape[-1]} but the output projection has {self.hidden_size} features."
+            )
+        projection = self.base_layer.get_submodule(self.output_projection)
+        handle = projection.register_forward_hook(partial(self._add_prompt_term, query_states))
+        try:
+            return self.base_layer(*args, **kwargs)
+        finally:
+            handle.remove()
+
+    def _add_prompt_term(self, query_states: torch.Tensor, module: nn.Module, inputs: Any, output: Any) -> Any:
+        """Forward hook on the output projection: O -> exp(s) * (O + a * (A @ P)) for each active adapter."""
+        attention_output = output[0] if isinstance(output, tuple) else output
+        result = attention_output
+        for active_adapter in self.active_adapters:
+            if active_adapter not in self.apt_prompt:
+                continue
+            prompts = self.apt_prompt[active_adapter]
+            result = approximated_prompt_output(
+                self._cast_input_dtype(result, prompts.dtype),
+                self._cast_input_dtype(query_states, prompts.dtype),
+                prompts,
+                self.apt_W1[active_adapter],
+                self.apt_W2[active_adapter],
+                self.apt_s[active_adapter],
+                dropout=self.apt_dropout[active_adapter],
+                training=self.training,
+            )
+        result = result.to(attention_output.dtype)
+        return (result, *output[1:]) if isinstance(output, tuple) else result
+
+    def __repr__(self) -> str:
+        return "apt." + super().__repr__()

@@ -1,0 +1,130 @@
+"""APTModel: injects APT layers into the attention modules of a model."""
+
+from __future__ import annotations
+
+from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
+from torch import nn
+
+from .config import APTConfig
+from .constants import OUTPUT_PROJECTION_NAMES, TRANSFORMERS_MODELS_TO_APT_TARGET_MODULES_MAPPING
+from .layer import MERGE_ERROR, APTLayer, find_output_projection
+
+
+class APTModel(BaseTuner):
+    """
+    Creates an Approximated Prompt Tuning (APT) model from a pretrained model (https://arxiv.org/abs/2306.15706).
+
+    Each targeted attention module is wrapped in an [`APTLayer`] that approximates the effect of deep prompts on its
+    output; the base model's weights stay untouched and frozen.
+
+    Example:
+
+        ```py
+        >>> import peft_apt  # registers "APT" with PEFT
+        >>> from peft import get_peft_model
+        >>> from peft_apt import APTConfig
+        >>> from transformers import ViltForQuestionAnswering
+
+        >>> model = ViltForQuestionAnswering.from_pretrained("dandelin/vilt-b32-finetuned-vqa")
+        >>> model = get_peft_model(model, APTConfig(num_prompts=200, r=4))
+        ```
+    """
+
+    prefix: str = "apt_"
+    tuner_layer_cls = APTLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_APT_TARGET_MODULES_MAPPING
+
+    def _prepare_adapter_config(self, peft_config: APTConfig, model_config: dict) -> APTConfig:
+        if peft_config.target_modules is None:
+            model_type = model_config.get("model_type")
+            if model_type not in self.target_module_mapping:
+                raise ValueError(
+                    f"APT has no default `target_modules` for model type {model_type!r}. Pass the attention modules "
+                    "to adapt, by name or regex, e.g. `APTConfig(target_modules=['self_attn'])`: modules with an "
+                    f"output projection at one of {list(OUTPUT_PROJECTION_NAMES)}, or torch.nn.MultiheadAttention. "
+                    f"Model types with defaults: {sorted(self.target_module_mapping)}."
+                )
+        return super()._prepare_adapter_config(peft_config, model_config)
+
+    @staticmethod
+    def _check_target_module_exists(peft_config: APTConfig, key: str):
+        """Match like PEFT, but adapt only the outermost of nested matches so each block gets one APT layer."""
+        matched = check_target_module_exists(peft_config, key)
+        if not matched:
+            return matched
+        parts = key.split(".")
+        for depth in range(1, len(parts)):
+            if check_target_module_exists(peft_config, ".".join(parts[:depth])):
+                return False
+        return matched
+
+    def _create_and_replace(
+        self,
+        apt_config: APTConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs,
+    ) -> None:
+        layer_kwargs = {
+            "num_prompts": apt_config.num_prompts,
+            "r": apt_config.r,
+            "apt_dropout": apt_config.apt_dropout,
+            "init_weights": apt_config.init_weights,
+        }
+        if isinstance(target, APTLayer):
+            target.update_layer(adapter_name, **layer_kwargs)
+            return
+        output_projection = find_output_projection(target)
+        if output_projection is None:
+            raise ValueError(
+                f"APT cannot adapt module '{current_key}' ({type(target).__name__}): APT adapts whole attention "
+                f"modules with an output projection at one of {list(OUTPUT_PROJECTION_NAMES)} (or "
+                "torch.nn.MultiheadAttention), not single projections. Check `target_modules`."
+            )
+        new_module = APTLayer(target, adapter_name, output_projection, **layer_kwargs)
+        if adapter_name not in self.active_adapters:
+            # an added adapter does not train until it is set active
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _check_merge_allowed(self) -> None:
+        raise ValueError(MERGE_ERROR)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Refuse APT weights that do not fit this model instead of silently skipping or keeping random ones."""
+        check_apt_state_dict(self, {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)})
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+def check_apt_state_dict(model: nn.Module, state_dict: dict) -> None:
+    """
+    Raise a ValueError naming the modules and shapes where APT weights in `state_dict` do not fit `model`.
+
+    A loaded adapter must cover exactly the APT layers of the adapter names it carries: weights for modules the
+    model lacks (other module names), other shapes (another hidden size, p or r) and missing modules are errors.
+    """
+    own = {name: tensor.shape for name, tensor in model.state_dict().items() if f".{APTModel.prefix}" in name}
+    incoming = {name: tensor.shape for name, tensor in state_dict.items() if f".{APTModel.prefix}" in name}
+    if not incoming:
+        return
+    problems = [f"{name}: the model has no such APT weight" for name in incoming if name not in own]
+    problems += [
+        f"{name}: shape {tuple(shape)} in the adapter, {tuple(own[name])} in the model"
+        for name, shape in incoming.items()
+        if name in own and shape != own[name]
+    ]
+    adapter_names = {name.rsplit(".", 1)[-1] for name in incoming}
+    problems += [
+        f"{name}: missing from the adapter"
+        for name in own
+        if name.rsplit(".", 1)[-1] in adapter_names and name not in incoming
+    ]
+    if problems:
+        shown = "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
+        raise ValueError(f"The APT adapter does not fit this model ({len(problems)} problems):\n  {shown}")

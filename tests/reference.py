@@ -1,0 +1,76 @@
+"""An independent reference of APT, written from APT_SPEC.md and applied with hooks to an untouched base model."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def reference_apt(O, X, P, W1, W2, s):
+    """O' = exp(s) (O + a A P) with K = P + P W1 W2, A = relu(X K^T), a = max_j A (held constant)."""
+    K = P + torch.einsum("pd,dr,re->pe", P, W1, W2)
+    A = torch.einsum("...nd,pd->...np", X, K).clamp(min=0)
+    a = A.max(dim=-1, keepdim=True).values.detach()
+    return torch.exp(s) * (O + a * torch.einsum("...np,pd->...nd", A, P))
+
+
+@contextlib.contextmanager
+def reference_hooks(base_model, family, adapter_tensors):
+    """Add the reference term on `base_model`: X from each attention's input, O from its output projection."""
+    handles = []
+    for path, (P, W1, W2, s) in adapter_tensors.items():
+        attention = base_model.get_submodule(path)
+        captured = {}
+
+        def capture(module, args, kwargs, captured=captured):
+            captured["X"] = kwargs[family.query_argument] if family.query_argument in kwargs else args[0]
+
+        def add_term(module, args, output, captured=captured, tensors=(P, W1, W2, s)):
+            O = output[0] if isinstance(output, tuple) else output
+            new = reference_apt(O, captured["X"], *tensors)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        projection = attention.get_submodule(family.projection) if family.projection else attention
+        handles.append(attention.register_forward_pre_hook(capture, with_kwargs=True))
+        handles.append(projection.register_forward_hook(add_term))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def run(model, inputs) -> list[torch.Tensor]:
+    """The floating tensors of the model's output, in order. Seeded: ViLT draws a random patch order each call."""
+    torch.manual_seed(0)
+    output = model(**inputs)
+    values = output.values() if hasattr(output, "values") else output
+    return [v for v in values if torch.is_tensor(v) and v.is_floating_point()]
+
+
+@torch.no_grad()
+def randomise_adapter(model, seed: int = 0, adapter_name: str = "default"):
+    """Give every APT tensor a random value large enough that each term of the formula moves the output."""
+    g = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if not name.endswith(f".{adapter_name}") or ".apt_" not in name:
+            continue
+        if ".apt_s." in name:
+            value = torch.empty(param.shape).uniform_(-0.3, 0.3, generator=g)
+        elif ".apt_prompt." in name:
+            value = torch.randn(param.shape, generator=g) * 0.2
+        else:  # W1 (d x r) and W2 (r x d), so that P W1 W2 is on the scale of P
+            value = torch.randn(param.shape, generator=g) / param.shape[0] ** 0.5
+        param.copy_(value.to(param.dtype))
+
+
+def adapter_tensors(peft_model, paths, adapter_name: str = "default"):
+    """{attention path: (P, W1, W2, s)} copied out of an adapted model."""
+    out = {}
+    for path in paths:
+        layer = peft_model.base_model.model.get_submodule(path)
+        out[path] = tuple(
+            getattr(layer, name)[adapter_name].detach().clone() for name in ("apt_prompt", "apt_W1", "apt_W2", "apt_s")
+        )
+    return out

@@ -1,0 +1,112 @@
+"""Every supported family: default targets, exact parameter counts, the formula against an independent reference,
+the base output when disabled, and exact save/load round trips with the specified file format."""
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from families import FAMILIES, MHA_FAMILY
+from peft import PeftModel, get_peft_model
+from reference import adapter_tensors, randomise_adapter, run, reference_hooks
+from safetensors import safe_open
+
+from peft_apt import APTConfig, APTLayer
+
+P, R = 5, 3
+ALL = [*FAMILIES.values(), MHA_FAMILY]
+
+
+def make(family, **config):
+    base = family.build()
+    reference = copy.deepcopy(base)
+    if family is MHA_FAMILY:
+        config.setdefault("target_modules", r".*resblocks\.\d+\.attn")
+    model = get_peft_model(base, APTConfig(num_prompts=P, r=R, **config))
+    randomise_adapter(model)
+    return model.eval(), reference
+
+
+def adapted_paths(model):
+    return [n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, APTLayer)]
+
+
+@pytest.mark.parametrize("family", ALL, ids=lambda f: f.name)
+def test_default_targets_adapt_each_block_once(family):
+    model, _ = make(family)
+    assert sorted(adapted_paths(model)) == sorted(family.attention_paths)
+    assert sorted(model.base_model.targeted_module_names) == sorted(family.attention_paths)
+
+
+@pytest.mark.parametrize("family", ALL, ids=lambda f: f.name)
+def test_trainable_parameters_are_exactly_P_W1_W2_s(family):
+    model, _ = make(family)
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    expected = sum(P * d + 2 * R * d + 1 for d in family.hidden_sizes)
+    assert sum(trainable.values()) == expected
+    assert all(n.rsplit(".", 2)[-2] in ("apt_prompt", "apt_W1", "apt_W2", "apt_s") for n in trainable)
+    assert len(trainable) == 4 * len(family.attention_paths)
+
+
+@pytest.mark.parametrize("family", ALL, ids=lambda f: f.name)
+def test_output_matches_independent_reference(family):
+    model, reference = make(family)
+    inputs = family.inputs()
+    with torch.no_grad():
+        adapted = run(model, inputs)
+        base = run(reference, inputs)
+        with reference_hooks(reference, family, adapter_tensors(model, family.attention_paths)):
+            expected = run(reference, inputs)
+    assert len(adapted) == len(expected) > 0
+    for got, want in zip(adapted, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # the test can fail: the adapter really moves the output
+    assert max((a - b).abs().max().item() for a, b in zip(adapted, base)) > 1e-2
+
+
+@pytest.mark.parametrize("family", ALL, ids=lambda f: f.name)
+def test_disabled_adapter_gives_the_base_output_exactly(family):
+    model, reference = make(family)
+    inputs = family.inputs()
+    with torch.no_grad(), model.disable_adapter():
+        disabled = run(model, inputs)
+    base = run(reference, inputs)
+    for got, want in zip(disabled, base):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("family", ALL, ids=lambda f: f.name)
+def test_save_load_round_trip_is_exact(family, tmp_path):
+    model, reference = make(family)
+    inputs = family.inputs()
+    with torch.no_grad():
+        before = run(model, inputs)
+    model.save_pretrained(tmp_path)
+
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "APT" and config["num_prompts"] == P and config["r"] == R
+    path = tmp_path / "adapter_model.safetensors"
+    with safe_open(path, "pt") as f:
+        keys = set(f.keys())
+        tensors = {k: f.get_tensor(k) for k in keys}
+    expected_keys = {
+        f"base_model.model.{m}.{name}" for m in family.attention_paths
+        for name in ("apt_prompt", "apt_W1", "apt_W2", "apt_s")
+    }
+    assert keys == expected_keys
+    for m, d in zip(family.attention_paths, family.hidden_sizes):
+        shapes = [tuple(tensors[f"base_model.model.{m}.{n}"].shape) for n in ("apt_prompt", "apt_W1", "apt_W2", "apt_s")]
+        assert shapes == [(P, d), (d, R), (R, d), (1,)]
+    header = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    assert path.stat().st_size - header == 4 * sum(P * d + 2 * R * d + 1 for d in family.hidden_sizes)
+
+    loaded = PeftModel.from_pretrained(reference, tmp_path).eval()
+    for name, tensor in tensors.items():
+        layer = loaded.base_model.model.get_submodule(name.removeprefix("base_model.model.").rsplit(".", 1)[0])
+        assert torch.equal(getattr(layer, name.rsplit(".", 1)[1])["default"], tensor)
+    with torch.no_grad():
+        after = run(loaded, inputs)
+    for got, want in zip(after, before):
+        assert torch.equal(got, want)
