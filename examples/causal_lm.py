@@ -17,19 +17,10 @@ import random
 
 import torch
 from peft import PeftModel, get_peft_model
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-    Trainer,
-    TrainingArguments,
-)
+from tiny_models import tiny_llama, word_tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-import peft_apt  # noqa: F401  (registers the APT tuner with PEFT)
-from peft_apt import APTConfig
+from peft_apt import APTConfig  # importing peft_apt registers APT with PEFT
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -79,28 +70,12 @@ def tiny_corpus(n_sentences: int = 400, seed: int = 0) -> str:
     return " ".join(f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)} ." for _ in range(n_sentences))
 
 
-def tiny_tokenizer(corpus: str) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over the corpus's words, built here so that nothing is downloaded."""
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
-    for word in sorted(set(corpus.split())):
-        vocab[word] = len(vocab)
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-
-
 def load(args):
     """(model, tokenizer, training text)."""
     if args.tiny:
         corpus = tiny_corpus(seed=args.seed)
-        tokenizer = tiny_tokenizer(corpus)
-        torch.manual_seed(args.seed)
-        config = LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-        )
-        return LlamaForCausalLM(config), tokenizer, corpus
+        tokenizer = word_tokenizer([corpus])
+        return tiny_llama(tokenizer, seed=args.seed), tokenizer, corpus
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype)
