@@ -200,8 +200,9 @@ class DreamBoothDataset(torch.utils.data.Dataset):
 
 def collate(items: list[dict]) -> dict:
     """Stack a batch; class examples go after the instance examples, as the loss expects."""
-    pixels = [item["pixel_values"] for item in items] + [item["class_pixel_values"] for item in items if "class_pixel_values" in item]
-    ids = [item["input_ids"] for item in items] + [item["class_input_ids"] for item in items if "class_input_ids" in item]
+    class_items = [item for item in items if "class_pixel_values" in item]
+    pixels = [item["pixel_values"] for item in items] + [item["class_pixel_values"] for item in class_items]
+    ids = [item["input_ids"] for item in items] + [item["class_input_ids"] for item in class_items]
     return {"pixel_values": torch.stack(pixels), "input_ids": torch.stack(ids)}
 
 
@@ -270,7 +271,12 @@ def noise_prediction_loss(args, model, vae, text_encoder, scheduler, batch, weig
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)
     prediction = model(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states).sample
-    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+    if scheduler.config.prediction_type == "epsilon":
+        target = noise
+    elif scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"Unsupported prediction type {scheduler.config.prediction_type!r}.")
     if not args.with_prior_preservation:
         return F.mse_loss(prediction.float(), target.float())
     prediction, class_prediction = prediction.chunk(2)

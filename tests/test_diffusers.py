@@ -9,6 +9,7 @@ import pytest
 
 pytest.importorskip("diffusers")
 
+import test_families as shared  # noqa: E402  (a module, so that pytest does not collect its tests twice)
 import torch  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 from diffusers.models.attention_processor import (  # noqa: E402
@@ -18,8 +19,7 @@ from diffusers.models.attention_processor import (  # noqa: E402
 )
 from families import Family  # noqa: E402
 from peft import PeftModel, get_peft_model  # noqa: E402
-from reference import adapter_tensors, randomise_adapter, run, reference_hooks  # noqa: E402
-import test_families as shared  # noqa: E402  (imported as a module so that pytest does not collect its tests twice)
+from reference import adapter_tensors, randomise_adapter, reference_hooks, run  # noqa: E402
 
 from peft_apt import APTConfig, APTLayer  # noqa: E402
 
