@@ -36,6 +36,14 @@ class APTModel(BaseTuner):
     tuner_layer_cls = APTLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_APT_TARGET_MODULES_MAPPING
 
+    @staticmethod
+    def get_model_config(model: nn.Module) -> dict:
+        """PEFT's model config, where a diffusers model (its config has no `model_type`) is known by its class name."""
+        model_config = BaseTuner.get_model_config(model)
+        if "model_type" not in model_config:
+            model_config = {**model_config, "model_type": type(model).__name__}
+        return model_config
+
     def _prepare_adapter_config(self, peft_config: APTConfig, model_config: dict) -> APTConfig:
         if peft_config.target_modules is None:
             model_type = model_config.get("model_type")
