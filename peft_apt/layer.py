@@ -108,9 +108,6 @@ class APTLayer(nn.Module, BaseTunerLayer):
     @property
     def hidden_size(self) -> int:
         """d, taken from the module itself: composite configs (CLIP, BridgeTower) have no single hidden size."""
-        base_layer = self.get_base_layer()
-        if isinstance(base_layer, nn.MultiheadAttention):
-            return base_layer.embed_dim
         return self._projection_weight().shape[0]
 
     def _projection_weight(self) -> torch.Tensor:
