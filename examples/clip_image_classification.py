@@ -92,7 +92,6 @@ def tiny_clip(labels: list[str]) -> CLIPForImageClassification:
             patch_size=8,
         ),
         text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37),
-        initializer_factor=10.0,
         id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)},
     )
