@@ -71,9 +71,10 @@ def digits_records() -> tuple[list[dict], list[dict], list[str]]:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
+    size = (TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
     records = [
         {
-            "image": Image.fromarray((pixels * 255 / 16).astype(np.uint8)).resize((TINY_IMAGE_SIZE,) * 2).convert("RGB"),
+            "image": Image.fromarray((pixels * 255 / 16).astype(np.uint8)).resize(size).convert("RGB"),
             "label": int(label),
         }
         for pixels, label in zip(digits.images, digits.target)

@@ -140,7 +140,8 @@ def tiny_vqa_records(n: int, seed: int) -> list[dict]:
 
 def tiny_processor() -> ViltProcessor:
     """A ViLT processor built locally: a word-level BERT vocabulary of the generated questions."""
-    words = sorted({word for questions in QUESTIONS.values() for q in questions for word in q.replace("?", " ?").split()})
+    questions = [question for kind in QUESTIONS.values() for question in kind]
+    words = sorted({word for question in questions for word in question.replace("?", " ?").split()})
     vocab = {token: i for i, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
     image_processor = ViltImageProcessor(size={"shortest_edge": TINY_IMAGE_SIZE}, size_divisor=TINY_IMAGE_SIZE)
     return ViltProcessor(image_processor=image_processor, tokenizer=BertTokenizer(vocab=vocab))

@@ -87,7 +87,8 @@ def publish_base_model(hub, tmp_path):
 
 def inputs():
     g = torch.Generator().manual_seed(1)
-    return {"input_ids": torch.randint(3, 99, (2, 7), generator=g), "pixel_values": torch.randn(2, 3, 32, 32, generator=g)}
+    return {"input_ids": torch.randint(3, 99, (2, 7), generator=g),
+            "pixel_values": torch.randn(2, 3, 32, 32, generator=g)}
 
 
 def test_push_to_hub_uploads_adapter_and_peft_card_and_loads_back(hub, tmp_path):
@@ -102,7 +103,8 @@ def test_push_to_hub_uploads_adapter_and_peft_card_and_loads_back(hub, tmp_path)
     model.push_to_hub(ADAPTER_ID)
 
     snapshot = hub.snapshot(ADAPTER_ID)
-    assert sorted(p.name for p in snapshot.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    files = sorted(p.name for p in snapshot.iterdir())
+    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert json.loads((snapshot / "adapter_config.json").read_text())["peft_type"] == "APT"
     with safe_open(snapshot / "adapter_model.safetensors", "pt") as f:
         assert all(".apt_" in key or ".classifier." in key for key in f.keys())

@@ -100,7 +100,8 @@ def test_two_processes_train_like_one_on_their_combined_batch(tmp_path):
     and the saved adapter must match the single process run."""
     run = ["--max_steps", "8", "--logging_steps", "1"]
     launch_two_processes("vilt_vqa.py", tmp_path / "two", *run, "--per_device_train_batch_size", "8")
-    vilt_vqa.main(["--tiny", "--output_dir", str(tmp_path / "one"), *QUIET, *run, "--per_device_train_batch_size", "16"])
+    one = ["--tiny", "--output_dir", str(tmp_path / "one"), *QUIET, *run, "--per_device_train_batch_size", "16"]
+    vilt_vqa.main(one)
 
     two, one = losses(tmp_path / "two" / "checkpoint-8"), losses(tmp_path / "one" / "checkpoint-8")
     assert len(two) == 8
