@@ -18,6 +18,9 @@ TRANSFORMERS_MODELS_TO_APT_TARGET_MODULES_MAPPING: dict[str, list[str] | str] = 
     "llama": ["self_attn"],
     "mistral": ["self_attn"],
     "qwen2": ["self_attn"],
+    # diffusers models have no `model_type`; APT knows them by class name (see `APTModel.get_model_config`).
+    # `attn1` is the self-attention and `attn2` the cross-attention of each transformer block; X is the query stream.
+    "UNet2DConditionModel": ["attn1", "attn2"],
 }
 
 # Paths, relative to an attention module, of the projection whose output is O, tried in this order. APT adds its

@@ -129,9 +129,6 @@ class APTLayer(nn.Module, BaseTunerLayer):
     @property
     def hidden_size(self) -> int:
         """d, taken from the module itself: composite configs (CLIP, BridgeTower) have no single hidden size."""
-        base_layer = self.get_base_layer()
-        if isinstance(base_layer, nn.MultiheadAttention):
-            return base_layer.embed_dim
         return self._projection_weight().shape[0]
 
     def _projection_weight(self) -> torch.Tensor:
@@ -206,14 +203,25 @@ class APTLayer(nn.Module, BaseTunerLayer):
                 f"{query_states.shape[-1]} but the output projection has {self.hidden_size} features."
             )
         projection = self.base_layer.get_submodule(self.output_projection)
-        handle = projection.register_forward_hook(partial(self._add_prompt_term, query_states))
+        calls: list[bool] = []
+        handle = projection.register_forward_hook(partial(self._add_prompt_term, query_states, calls))
         try:
-            return self.base_layer(*args, **kwargs)
+            output = self.base_layer(*args, **kwargs)
         finally:
             handle.remove()
+        if not calls:
+            raise RuntimeError(
+                f"APT on {type(self.base_layer).__name__}: its output projection '{self.output_projection}' was not "
+                "called as a module during the forward (applied functionally, e.g. by a custom attention "
+                "processor), so the prompt term could not be added."
+            )
+        return output
 
-    def _add_prompt_term(self, query_states: torch.Tensor, module: nn.Module, inputs: Any, output: Any) -> Any:
+    def _add_prompt_term(
+        self, query_states: torch.Tensor, calls: list[bool], module: nn.Module, inputs: Any, output: Any
+    ) -> Any:
         """Forward hook on the output projection: O -> exp(s) * (O + a * (A @ P)) for each active adapter."""
+        calls.append(True)
         attention_output = output[0] if isinstance(output, tuple) else output
         result = attention_output
         for active_adapter in self.active_adapters:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
 
@@ -34,6 +36,14 @@ class APTModel(BaseTuner):
     tuner_layer_cls = APTLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_APT_TARGET_MODULES_MAPPING
 
+    @staticmethod
+    def get_model_config(model: nn.Module) -> dict:
+        """PEFT's model config, where a diffusers model (its config has no `model_type`) is known by its class name."""
+        model_config = BaseTuner.get_model_config(model)
+        if "model_type" not in model_config:
+            model_config = {**model_config, "model_type": type(model).__name__}
+        return model_config
+
     def _prepare_adapter_config(self, peft_config: APTConfig, model_config: dict) -> APTConfig:
         if peft_config.target_modules is None:
             model_type = model_config.get("model_type")
@@ -44,7 +54,10 @@ class APTModel(BaseTuner):
                     f"output projection at one of {list(OUTPUT_PROJECTION_NAMES)}, or torch.nn.MultiheadAttention. "
                     f"Model types with defaults: {sorted(self.target_module_mapping)}."
                 )
-        return super()._prepare_adapter_config(peft_config, model_config)
+            targets = self.target_module_mapping[model_type]
+            # a regex stays a string (peft 0.18 would split it into a set of characters)
+            peft_config.target_modules = targets if isinstance(targets, str) else set(targets)
+        return peft_config
 
     @staticmethod
     def _check_target_module_exists(peft_config: APTConfig, key: str):
@@ -109,6 +122,15 @@ class APTModel(BaseTuner):
         )
 
 
+_OTHER_ADAPTER_KEY = re.compile(rf"\.({'|'.join(APTLayer.adapter_layer_names)})(\.[^.]+){{2}}$")
+
+
+def _tensor_key(name: str) -> str:
+    """`module.apt_W1` from `module.apt_W1.<adapter name>`: PEFT leaves keys it cannot map without the name."""
+    module_tensor = name.rpartition(".")[0]
+    return module_tensor if module_tensor.rpartition(".")[2] in APTLayer.adapter_layer_names else name
+
+
 def check_apt_state_dict(model: nn.Module, state_dict: dict) -> None:
     """
     Raise a ValueError naming the modules and shapes where APT weights in `state_dict` do not fit `model`.
@@ -117,23 +139,26 @@ def check_apt_state_dict(model: nn.Module, state_dict: dict) -> None:
     model lacks (other module names), other shapes (another hidden size, p or r) and missing modules are errors.
     """
     own = {name: tensor.shape for name, tensor in model.state_dict().items() if f".{APTModel.prefix}" in name}
-    incoming = {name: tensor.shape for name, tensor in state_dict.items() if f".{APTModel.prefix}" in name}
+    # peft < 0.20 saves every loaded adapter's tensors into each adapter file; those of the others arrive with two
+    # names appended ("apt_W1.<new name>.<other name>") and are not part of the adapter being loaded
+    incoming = {
+        name: tensor.shape
+        for name, tensor in state_dict.items()
+        if f".{APTModel.prefix}" in name and not _OTHER_ADAPTER_KEY.search(name)
+    }
     if not incoming:
         return
-    problems = [f"{name}: the model has no such APT weight" for name in incoming if name not in own]
+    adapter_names = {name.rpartition(".")[2] for name in incoming if _tensor_key(name) != name}
+    problems = [f"{_tensor_key(name)}: the model has no such APT weight" for name in incoming if name not in own]
     problems += [
-        f"{name}: shape {tuple(shape)} in the adapter, {tuple(own[name])} in the model"
+        f"{_tensor_key(name)}: shape {tuple(shape)} in the adapter, {tuple(own[name])} in the model"
         for name, shape in incoming.items()
         if name in own and shape != own[name]
     ]
-    # keys the model knows end in ".<apt tensor>.<adapter name>"; PEFT leaves unknown ones without the name
-    adapter_names = {
-        name.rsplit(".", 1)[-1] for name in incoming if name.rsplit(".", 2)[-2] in APTLayer.adapter_layer_names
-    }
     problems += [
-        f"{name}: missing from the adapter"
+        f"{_tensor_key(name)}: missing from the adapter"
         for name in own
-        if name.rsplit(".", 1)[-1] in adapter_names and name not in incoming
+        if name.rpartition(".")[2] in adapter_names and name not in incoming
     ]
     if problems:
         shown = "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")

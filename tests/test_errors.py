@@ -69,13 +69,13 @@ def saved_adapter(tmp_path):
 
 
 def test_loading_into_another_hidden_size_names_module_and_shapes(saved_adapter):
-    with pytest.raises(ValueError, match=r"encoder\.layer\.0\.attention\.apt_prompt\.default: shape \(4, 32\) in the "
+    with pytest.raises(ValueError, match=r"encoder\.layer\.0\.attention\.apt_prompt: shape \(4, 32\) in the "
                                          r"adapter, \(4, 48\) in the model"):
         PeftModel.from_pretrained(bert(hidden=48), saved_adapter)
 
 
 def test_loading_into_other_modules_is_an_error(saved_adapter):
-    with pytest.raises(ValueError, match=r"encoder\.layer\.2\.attention\.apt_prompt\.default: missing from the adapter"):
+    with pytest.raises(ValueError, match=r"encoder\.layer\.2\.attention\.apt_prompt: missing from the adapter"):
         PeftModel.from_pretrained(bert(layers=3), saved_adapter)
     model = get_peft_model(bert(layers=1), APTConfig(num_prompts=4, r=2))
     with pytest.raises(ValueError, match=r"encoder\.layer\.1\.attention\.apt_W1: the model has no such APT weight"):

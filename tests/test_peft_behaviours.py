@@ -167,3 +167,14 @@ def test_auto_peft_model_loads_base_and_adapter(tmp_path):
     loaded = AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "adapter").eval()
     with torch.no_grad():
         assert torch.equal(run(loaded, BERT.inputs())[0], want)
+
+
+def test_attention_that_bypasses_its_projection_module_is_an_error():
+    """A projection applied functionally would silently lose the prompt term; the layer refuses instead."""
+    model, _ = bert_with_adapter()
+    output = model.base_model.model.encoder.layer[0].attention.get_base_layer().output
+    output.forward = lambda hidden_states, input_tensor: output.LayerNorm(
+        torch.nn.functional.linear(hidden_states, output.dense.weight, output.dense.bias) + input_tensor
+    )
+    with pytest.raises(RuntimeError, match=r"output projection 'output.dense' was not called as a module"):
+        model(**BERT.inputs())

@@ -1,0 +1,126 @@
+"""What the APT fine-tuning examples share: arguments, a Trainer that trains a new head faster, and what they print."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from accelerate.utils import gather_object
+from peft import get_peft_model_state_dict
+from PIL import Image
+from transformers import HfArgumentParser, Trainer, TrainingArguments
+
+# Importing peft_apt registers APT with PEFT; from a checkout, the examples also run without installing it.
+try:
+    import peft_apt  # noqa: F401
+except ImportError:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import peft_apt  # noqa: F401
+
+
+def accelerator_available() -> bool:
+    return torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+
+
+# Trainer defaults that fit APT: the reference learning rate, frequent loss logs, and the batch keys our collators
+# build (Trainer would otherwise drop them). `ddp_find_unused_parameters=False`: every trainable parameter takes part
+# in each forward, and DDP then raises instead of silently paying for a graph traversal if one ever does not.
+# `use_cpu` without an accelerator: processes started by torchrun (examples/accelerate/cpu_2proc.yaml) are not told to
+# use the CPU, and would otherwise each train alone instead of joining a gloo group.
+TRAINING_DEFAULTS = dict(
+    learning_rate=5e-4,
+    logging_steps=10,
+    remove_unused_columns=False,
+    label_names=["labels"],
+    ddp_find_unused_parameters=False,
+    use_cpu=not accelerator_available(),
+)
+
+
+@dataclass
+class APTArguments:
+    """Arguments of every example besides Trainer's own."""
+
+    tiny: bool = field(
+        default=False, metadata={"help": "Train a tiny random model on generated data: runs on CPU, no download."}
+    )
+    num_prompts: int = field(default=200, metadata={"help": "Approximated prompts per attention module (paper: 200)."})
+    r: int = field(default=4, metadata={"help": "Rank of APT's prompt-to-key map (paper: 4)."})
+    apt_dropout: float = field(default=0.0, metadata={"help": "Dropout on APT's prompt attention scores."})
+    head_lr_ratio: float = field(
+        default=1.0, metadata={"help": "Learning rate of the new head relative to --learning_rate."}
+    )
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Evaluate on at most this many samples."})
+
+
+def parse_args(script_arguments: type, args: Optional[list[str]] = None, **defaults):
+    """Parse the script's own dataclass and Trainer's `TrainingArguments` from one command line."""
+    parser = HfArgumentParser((script_arguments, TrainingArguments))
+    parser.set_defaults(**{**TRAINING_DEFAULTS, **defaults})
+    return parser.parse_args_into_dataclasses(args=args)
+
+
+def load_image(image) -> Image.Image:
+    """An RGB image from a PIL image or a file path (real data sets are read lazily, one batch at a time)."""
+    return (image if isinstance(image, Image.Image) else Image.open(image)).convert("RGB")
+
+
+class APTTrainer(Trainer):
+    """
+    Trainer for an APT adapter plus a new head (PEFT `modules_to_save`).
+
+    The head can learn `head_lr_ratio` times faster, as the APT reference does on VQA. The example heads average
+    their loss over the local batch and ignore `num_items_in_batch`; Trainer would otherwise infer from their
+    `**kwargs` that they sum over the global batch and multiply the loss, and so the gradients and the logged loss,
+    by the number of processes.
+    """
+
+    def __init__(self, *args, head_lr_ratio: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.head_lr_ratio = head_lr_ratio
+        self.model_accepts_loss_kwargs = False
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        if self.optimizer is not None:
+            return self.optimizer
+        model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(model))
+        groups = []
+        for is_head, lr in ((False, self.args.learning_rate), (True, self.args.learning_rate * self.head_lr_ratio)):
+            for decays in (True, False):
+                params = [
+                    p
+                    for n, p in model.named_parameters()
+                    if p.requires_grad and ("modules_to_save" in n) == is_head and (n in decay) == decays
+                ]
+                if params:
+                    groups.append({"params": params, "lr": lr, "weight_decay": self.args.weight_decay * decays})
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+
+def report_start(trainer: Trainer) -> None:
+    if trainer.is_world_process_zero():
+        trainer.model.print_trainable_parameters()
+
+
+def report_processes(trainer: Trainer) -> None:
+    """Say how many processes trained and check that they end with the same adapter, so any rank could save it."""
+    pids = gather_object([os.getpid()])
+    line = f"{len(set(pids))} process(es) ran ({trainer.accelerator.distributed_type.value}, pids {sorted(set(pids))})"
+    if not trainer.is_fsdp_enabled:  # FSDP shards the adapter across processes by design
+        state = get_peft_model_state_dict(trainer.accelerator.unwrap_model(trainer.model))
+        digest = hashlib.sha256()
+        for name in sorted(state):
+            digest.update(name.encode() + state[name].detach().float().cpu().numpy().tobytes())
+        digests = gather_object([digest.hexdigest()])
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"The processes ended with different adapters: {digests}")
+        line += "; adapter identical on all processes"
+    if trainer.is_world_process_zero():
+        print(line)

@@ -1,0 +1,62 @@
+"""Smoke tests: each example's --tiny mode runs end to end in a subprocess, offline, for a few steps."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_example(script: str, *args: str, tiny: bool = True) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), *(["--tiny"] if tiny else []), *args],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_quickstart_learns_visibly(tmp_path):
+    out = run_example("quickstart.py", "--steps", "40", "--output-dir", str(tmp_path), tiny=False)
+    assert "trainable params: 12,424" in out
+    losses = [float(x) for x in re.findall(r"loss ([\d.]+)", out)]
+    assert losses[-1] < losses[0] - 0.3
+    assert float(re.search(r"held-out accuracy ([\d.]+)", out).group(1)) > 0.5  # chance is 0.375
+    assert (tmp_path / "adapter_model.safetensors").exists()
+
+
+def test_causal_lm_tiny_learns_and_generates(tmp_path):
+    out = run_example("causal_lm.py", "--output_dir", str(tmp_path), "--max_steps", "10", "--learning_rate", "1e-2")
+    first, last = map(float, re.search(r"first logged ([\d.]+), last logged ([\d.]+)", out).groups())
+    assert last < first - 0.1
+    assert "generated:" in out
+    assert (tmp_path / "adapter_model.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def dreambooth_adapter(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dreambooth")
+    out = run_example(
+        "stable_diffusion_dreambooth.py", "--with_prior_preservation", "--max_train_steps", "3", "--output_dir",
+        str(folder),
+    )
+    return folder, out
+
+
+def test_dreambooth_tiny_trains_with_prior_preservation_and_saves(dreambooth_adapter):
+    folder, out = dreambooth_adapter
+    assert len(re.findall(r"step \d+: loss [\d.]+", out)) == 3
+    assert len(list((folder / "class_images").glob("*.png"))) == 2
+    assert {p.name for p in folder.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+
+
+def test_dreambooth_tiny_samples_with_the_saved_adapter(dreambooth_adapter, tmp_path):
+    folder, _ = dreambooth_adapter
+    out = run_example("stable_diffusion_dreambooth.py", "--adapter_dir", str(folder), "--output_dir", str(tmp_path))
+    assert "saved 2 samples" in out
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["sample_0.png", "sample_1.png"]
