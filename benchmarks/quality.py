@@ -131,7 +131,7 @@ def prompt_term_ratios(tail: nn.Module, hidden: torch.Tensor) -> list[float]:
         term = approximated_prompt_output(
             torch.zeros_like(record["O"]),
             record["X"],
-            layer.apt_prompt[name],
+            layer.prompts(name),
             layer.apt_W1[name],
             layer.apt_W2[name],
             torch.zeros(1),

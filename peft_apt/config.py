@@ -46,10 +46,12 @@ class APTConfig(PeftConfig):
         apt_dropout (`float`, defaults to `0.0`):
             Dropout probability on the prompt attention scores during training, as the reference code's `attn_drop`.
         init_weights (`Union[bool, Literal["reference"]]`, defaults to `True`):
-            How to initialise the adapter. `True` (safe default): the reference init with the prompts rescaled per
-            module so that the initial prompt term is 0.1% of a LayerNorm-sized input (`INITIAL_TERM_RATIO`),
-            computed from p and d alone, without data; the adapted model then starts close to the frozen one
-            (the reference init moves pretrained DINOv2's attention outputs by 20% to 300%). `"reference"`
+            How to initialise the adapter. `True` (safe default): the reference init, except that the prompts are
+            P = c * apt_prompt with apt_prompt at the reference scale and a fixed per-module multiplier c set, from p
+            and d alone (no data), so that the initial prompt term is 0.1% of a LayerNorm-sized input
+            (`INITIAL_TERM_RATIO`). The adapted model starts close to the frozen one (the reference init moves
+            pretrained DINOv2's attention outputs by 20% to 300%), and optimiser steps stay relative to the
+            reference scale, so usual learning rates stay safe. Saved files hold the effective P. `"reference"`
             reproduces the authors' code exactly: `P ~ N(0, 0.02^2)`, `W1 ~ N(0, 1)`, `W2 = 0`, `s = 0`; use it to
             compare with the paper. `False` draws every tensor at random, including `W2` and `s`, which only makes
             sense to test that every term of the formula matters.

@@ -93,10 +93,15 @@ class APTLayer(nn.Module, BaseTunerLayer):
     dropout, residual and, in post-LN blocks, the LayerNorm that live inside some attention modules). So the layer
     reads X from its own call and adds the term through a forward hook on the projection that lives only for that
     call. The base module is never modified.
+
+    With the default init the trainable `apt_prompt` holds P / c, at the reference init's scale, and P = c * apt_prompt
+    with a fixed per-module multiplier c (`prompt_scale`): Adam's steps are then relative to the reference scale
+    whatever c is, so a small initial term does not turn a usual learning rate into a huge relative one. State dicts,
+    and so adapter files, hold the effective P (`prompts()`), as with any other init.
     """
 
     adapter_layer_names = ("apt_prompt", "apt_W1", "apt_W2", "apt_s")
-    other_param_names = ("num_prompts", "r", "apt_dropout")
+    other_param_names = ("num_prompts", "r", "apt_dropout", "prompt_scale")
 
     def __init__(
         self,
@@ -118,12 +123,15 @@ class APTLayer(nn.Module, BaseTunerLayer):
         self.num_prompts: dict[str, int] = {}
         self.r: dict[str, int] = {}
         self.apt_dropout: dict[str, float] = {}
+        self.prompt_scale: dict[str, float] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._active_adapter = adapter_name
         # The first parameter of the attention's forward carries X (`hidden_states`, or `query` for
         # nn.MultiheadAttention); models pass it positionally or by keyword.
         self.query_argument = next(iter(inspect.signature(base_layer.forward).parameters))
+        self.register_state_dict_post_hook(_save_effective_prompts)
+        self.register_load_state_dict_pre_hook(_load_effective_prompts)
         self.update_layer(adapter_name, num_prompts, r, apt_dropout, init_weights)
 
     @property
@@ -155,6 +163,7 @@ class APTLayer(nn.Module, BaseTunerLayer):
     @torch.no_grad()
     def reset_apt_parameters(self, adapter_name: str, init_weights: Union[bool, str]) -> None:
         prompts, W1, W2, log_scale = (getattr(self, name)[adapter_name] for name in self.adapter_layer_names)
+        self.prompt_scale[adapter_name] = 1.0
         if prompts.is_meta:
             return
         # The reference code's initialisation: K = P and exp(s) = 1 at the start.
@@ -168,7 +177,15 @@ class APTLayer(nn.Module, BaseTunerLayer):
         nn.init.zeros_(W2)
         nn.init.zeros_(log_scale)
         if init_weights is True:
-            prompts.mul_(calibrated_prompt_scale(prompts, W1, W2))
+            scale = calibrated_prompt_scale(prompts, W1, W2)
+            # A power-of-two multiplier makes P <-> apt_prompt exact in any float format (adapter files round-trip);
+            # apt_prompt absorbs the rest, so it stays within a factor sqrt(2) of the reference scale.
+            self.prompt_scale[adapter_name] = 2.0 ** round(math.log2(scale))
+            prompts.mul_(scale / self.prompt_scale[adapter_name])
+
+    def prompts(self, adapter_name: str) -> torch.Tensor:
+        """The effective prompts P of the formula (and of the adapter file): `prompt_scale` times `apt_prompt`."""
+        return self.prompt_scale[adapter_name] * self.apt_prompt[adapter_name]
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         """Follow the output projection's device and floating dtype (PEFT's autocast then keeps adapters in fp32)."""
@@ -227,7 +244,7 @@ class APTLayer(nn.Module, BaseTunerLayer):
         for active_adapter in self.active_adapters:
             if active_adapter not in self.apt_prompt:
                 continue
-            prompts = self.apt_prompt[active_adapter]
+            prompts = self.prompts(active_adapter)
             result = approximated_prompt_output(
                 self._cast_input_dtype(result, prompts.dtype),
                 self._cast_input_dtype(query_states, prompts.dtype),
@@ -243,3 +260,19 @@ class APTLayer(nn.Module, BaseTunerLayer):
 
     def __repr__(self) -> str:
         return "apt." + super().__repr__()
+
+
+def _save_effective_prompts(layer: APTLayer, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State dict post-hook: store P = prompt_scale * apt_prompt under the `apt_prompt` key."""
+    for adapter_name, scale in layer.prompt_scale.items():
+        key = f"{prefix}apt_prompt.{adapter_name}"
+        if key in state_dict and scale != 1.0:
+            state_dict[key] = state_dict[key] * scale
+
+
+def _load_effective_prompts(layer: APTLayer, state_dict: dict, prefix: str, *args) -> None:
+    """Load pre-hook, the inverse of `_save_effective_prompts`: the file's P becomes apt_prompt = P / prompt_scale."""
+    for adapter_name, scale in layer.prompt_scale.items():
+        key = f"{prefix}apt_prompt.{adapter_name}"
+        if key in state_dict and scale != 1.0:
+            state_dict[key] = state_dict[key] / scale

@@ -71,6 +71,7 @@ def adapter_tensors(peft_model, paths, adapter_name: str = "default"):
     for path in paths:
         layer = peft_model.base_model.model.get_submodule(path)
         out[path] = tuple(
-            getattr(layer, name)[adapter_name].detach().clone() for name in ("apt_prompt", "apt_W1", "apt_W2", "apt_s")
+            tensor.detach().clone()
+            for tensor in (layer.prompts(adapter_name), *(getattr(layer, name)[adapter_name] for name in ("apt_W1", "apt_W2", "apt_s")))
         )
     return out

@@ -1,5 +1,7 @@
 """The default initialisation must start close to the frozen model; "reference" must stay the authors' init."""
 
+import math
+
 import pytest
 import torch
 from peft import get_peft_model
@@ -45,31 +47,58 @@ def test_reference_init_does_not(num_prompts):
     assert relative_change("reference", num_prompts) > 0.3
 
 
-def test_reference_init_is_the_authors_and_default_only_rescales_prompts():
+def test_reference_init_is_the_authors_and_default_only_scales_prompts():
     model, _ = pretrained_like_attention()
-    tensors = {}
+    layers = {}
     for init_weights in (True, "reference"):
         torch.manual_seed(1)
         adapted = get_peft_model(Dinov2Model(model.config), APTConfig(num_prompts=200, init_weights=init_weights))
-        layer = adapted.base_model.model.encoder.layer[0].attention
-        tensors[init_weights] = [getattr(layer, n)["default"].detach() for n in layer.adapter_layer_names]
-    P, W1, W2, s = tensors["reference"]
+        layers[init_weights] = adapted.base_model.model.encoder.layer[0].attention
+    reference, default = layers["reference"], layers[True]
+    P, W1, W2, s = (getattr(reference, n)["default"].detach() for n in reference.adapter_layer_names)
+    assert reference.prompt_scale["default"] == 1.0
     assert P.std().item() == pytest.approx(0.02, rel=0.02)
     assert W1.std().item() == pytest.approx(1.0, rel=0.05)
     assert not W2.any() and not s.any()
-    P_default, *others = tensors[True]
-    scale = (P_default / P).mean().item()
-    assert 0 < scale < 1
-    torch.testing.assert_close(P_default, scale * P)
-    for default, reference in zip(others, (W1, W2, s)):
-        torch.testing.assert_close(default, reference)
+    # the default trains apt_prompt near the reference scale; the formula and the file see P = c * apt_prompt
+    for name, tensor in zip(default.adapter_layer_names[1:], (W1, W2, s)):
+        torch.testing.assert_close(getattr(default, name)["default"].detach(), tensor)
+    multiplier = default.prompt_scale["default"]
+    assert multiplier == 2.0 ** round(math.log2(multiplier)) and multiplier < 0.5
+    trained = default.apt_prompt["default"].detach()
+    assert 2**-0.5 <= (trained / P).mean().item() <= 2**0.5
+    torch.testing.assert_close(default.prompts("default"), multiplier * trained)
+    torch.testing.assert_close(default.prompts("default") / P, torch.full_like(P, (default.prompts("default") / P).mean().item()))
+
+
+def test_state_dict_holds_the_effective_prompts_and_loads_back(tmp_path):
+    model, hidden = pretrained_like_attention()
+    adapted = get_peft_model(model, APTConfig(num_prompts=50))
+    layer = adapted.base_model.model.encoder.layer[0].attention
+    with torch.no_grad():
+        layer.apt_prompt["default"].normal_(std=0.05)  # as after training
+    key = "base_model.model.encoder.layer.0.attention.apt_prompt.default"
+    torch.testing.assert_close(adapted.state_dict()[key], layer.prompts("default").detach())
+    adapted.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    torch.testing.assert_close(saved["base_model.model.encoder.layer.0.attention.apt_prompt"], layer.prompts("default").detach())
+
+    from peft import PeftModel
+
+    fresh, _ = pretrained_like_attention()
+    loaded = PeftModel.from_pretrained(fresh, tmp_path).base_model.model.encoder.layer[0].attention
+    torch.testing.assert_close(loaded.prompts("default"), layer.prompts("default"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(hidden)[0], layer(hidden)[0])
 
 
 def test_calibration_hits_its_target_on_layernorm_sized_inputs():
     model, _ = pretrained_like_attention()
     layer = get_peft_model(model, APTConfig(num_prompts=200)).base_model.model.encoder.layer[0].attention
     x = torch.randn(512, HIDDEN)
-    K = layer.apt_prompt["default"]
-    A = torch.relu(x @ K.T)
-    term = A.amax(dim=-1, keepdim=True) * (A @ K)
+    P = layer.prompts("default").detach()
+    A = torch.relu(x @ P.T)
+    term = A.amax(dim=-1, keepdim=True) * (A @ P)
     assert (term.norm(dim=-1) / x.norm(dim=-1)).mean().item() == pytest.approx(INITIAL_TERM_RATIO, rel=0.2)
