@@ -321,7 +321,10 @@ def report(model: Dinov2Model, args: argparse.Namespace) -> str:
         f"AdamW (no weight decay), cosine schedule, batch {args.batch_size}, {args.epochs} epochs = {steps} steps for "
         f"every method. Seeds {args.seeds} (split, head init, adapter init and batch order). Accuracy in %, mean ± "
         "std over seeds. Added MFLOPs: forward FLOPs per image added to the frozen model by the method "
-        "(torch FlopCounterMode; LoRA unmerged, 0 once merged). `full` trains the adapted blocks and final norm.",
+        "(torch FlopCounterMode; LoRA unmerged, 0 once merged). `full` trains the adapted blocks and final norm. "
+        "`APT p=200` is `APTConfig()` as it stands (p=200, r=4, default init); `APT p=50` only changes p. Deep "
+        "prompt uses p=10: p=50 would put 4x more tokens through the adapted blocks than the images have, "
+        "which this CPU budget could not afford for 24 runs.",
         "",
         "### Best learning rate per method",
         "",
@@ -349,12 +352,26 @@ def report(model: Dinov2Model, args: argparse.Namespace) -> str:
         for apt in ("APT p=200", "APT p=50"):
             if (dataset, apt) in table:
                 out += [f"{dataset}:", targets_markdown(table, dataset, apt), ""]
+    out += [
+        "### Why APT's default initialisation changed",
+        "",
+        "With the authors' init (P ~ N(0, 0.02^2), K = P at the start) the prompt term a (A @ P) grows with the cube of "
+        "the prompts' scale and the square of ||X||; on pretrained DINOv2 it starts as large as O itself (first rows "
+        "of the table below), so the adapted model starts far from the pretrained one. Shrinking P alone is not "
+        "enough: Adam's steps have a fixed absolute size, so small prompts make every usual learning rate a large "
+        "relative one and the term blows up at the top of the sweep. The default (`init_weights=True`) therefore "
+        "keeps the trainable prompts at the reference scale and uses P = c * apt_prompt, with a fixed power-of-two "
+        "multiplier c per module calibrated from p and d alone (no data) so that the initial term is 0.1% of a "
+        "LayerNorm-sized input, a few % of O on DINOv2-S. The formula and the saved tensors (effective P, W1, W2, "
+        "s) are unchanged; `init_weights=\"reference\"` restores the authors' init (row `APT p=50 reference init`).",
+        "",
+    ]
     out += initial_ratios_markdown(model, args)
     for dataset in datasets:
         best = {m: statistics.mean(table[dataset, m][best_lr(table[dataset, m])]) for m in methods if (dataset, m) in table}
         path = args.output_dir / f"quality-{dataset}.png"
         plot_accuracy_vs_flops(
-            flops, best, path, title=f"DINOv2-S on {dataset}: best-lr accuracy vs added FLOPs", metric="accuracy (%)"
+            {method: value / 1e3 for method, value in flops.items()}, best, path, title=f"DINOv2-S on {dataset}: best-lr accuracy vs added FLOPs", metric="accuracy (%)"
         )
         out += ["", f"![{dataset}]({path.relative_to(args.results_md.parent) if path.is_relative_to(args.results_md.parent) else path})"]
     return "\n".join(out)
