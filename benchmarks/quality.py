@@ -361,8 +361,8 @@ def report(model: Dinov2Model, args: argparse.Namespace) -> str:
         "enough: Adam's steps have a fixed absolute size, so small prompts make every usual learning rate a large "
         "relative one and the term blows up at the top of the sweep. The default (`init_weights=True`) therefore "
         "keeps the trainable prompts at the reference scale and uses P = c * apt_prompt, with a fixed power-of-two "
-        "multiplier c per module calibrated from p and d alone (no data) so that the initial term is 0.1% of a "
-        "LayerNorm-sized input, a few % of O on DINOv2-S. The formula and the saved tensors (effective P, W1, W2, "
+        "multiplier c per module calibrated from p and d alone (no data) so that the initial term is 0.3% of a "
+        "LayerNorm-sized input, at most about 10% of O on DINOv2-S. The formula and the saved tensors (effective P, W1, W2, "
         "s) are unchanged; `init_weights=\"reference\"` restores the authors' init (row `APT p=50 reference init`).",
         "",
     ]
