@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -14,12 +13,7 @@ from peft import get_peft_model_state_dict
 from PIL import Image
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
-# Importing peft_apt registers APT with PEFT; from a checkout, the examples also run without installing it.
-try:
-    import peft_apt  # noqa: F401
-except ImportError:
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import peft_apt  # noqa: F401
+import peft_apt  # noqa: F401  (registers APT with PEFT)
 
 
 def accelerator_available() -> bool:
