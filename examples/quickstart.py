@@ -16,8 +16,7 @@ from peft import get_peft_model
 from torch import nn
 from transformers import ViltConfig, ViltForQuestionAnswering
 
-import peft_apt  # noqa: F401  (registers APT with PEFT)
-from peft_apt import APTConfig
+from peft_apt import APTConfig  # importing peft_apt registers APT with PEFT
 
 COLOURS = {"red": (1.0, 0.1, 0.1), "green": (0.1, 0.9, 0.1), "blue": (0.1, 0.2, 1.0), "yellow": (1.0, 0.9, 0.1)}
 ANSWERS = [*COLOURS, "left", "right"]
