@@ -346,17 +346,17 @@ class SingleLayer(nn.Module):
         return self.layer(self.hidden_states)[0]
 
 
-def sweep_layer(vary: str, values: list[int], fixed: dict, tiny: bool, repetitions: int, device: torch.device,
+def sweep_layer(vary: str, values: list[int], fixed: dict, args: argparse.Namespace, device: torch.device,
                 dtype: torch.dtype) -> dict:
-    """How each method's added FLOPs and training-step time grow with p or n, on one ViLT-sized layer (batch 1)."""
-    config = T.ViltConfig(hidden_size=32, num_attention_heads=2, intermediate_size=37) if tiny else T.ViltConfig()
+    """How each method's added FLOPs and training-step time grow with p or n, on one ViLT-sized layer."""
+    config = T.ViltConfig(hidden_size=32, num_attention_heads=2, intermediate_size=37) if args.tiny else T.ViltConfig()
     d = config.hidden_size
     flops = {"APT": [], "APT (analytic)": [], "deep prompt": [], "LoRA": []}
     step = {"APT": [], "deep prompt": [], "LoRA": []}
     for value in values:
         setting = {**fixed, vary: value}
         layer = T.models.vilt.modeling_vilt.ViltLayer(config).to(device=device, dtype=dtype)
-        hidden_states = torch.randn(1, setting["n"], d, device=device, dtype=dtype, requires_grad=True)
+        hidden_states = torch.randn(args.batch_size, setting["n"], d, device=device, dtype=dtype, requires_grad=True)
         backbone = Backbone("layer", "", SingleLayer(layer, hidden_states), {}, "head", ["layer"],
                             ["query", "value"], d, apt_targets=["attention"], input_needs_grad=True)
         backbone.model.requires_grad_(False)
@@ -366,7 +366,7 @@ def sweep_layer(vary: str, values: list[int], fixed: dict, tiny: bool, repetitio
         for variant in variants[1:]:
             flops[variant.name.split(" p=")[0]].append((forward_flops(variant) - frozen) / 1e9)
         flops["APT (analytic)"].append(sum(4 * n * p * d for n, p, d in variants[-1].apt_inputs) / 1e9)
-        times = interleaved_times(variants, repetitions, device)
+        times = interleaved_times(variants, args.sweep_repetitions, device)
         for variant in variants[1:]:
             ratio = median_ratio(times, "step", variant.name, "frozen", clocks(device)[0])
             step[variant.name.split(" p=")[0]].append(ratio)
@@ -454,8 +454,8 @@ def write_report(results: list, sweeps: list, args: argparse.Namespace, device: 
         "training forward (weights excluded): a deterministic proxy of training memory.",
         targets_markdown(vilt_summary, args.prompts, device),
         *(backbone_markdown(backbone, result, device) for backbone, result in results),
-        f"### How costs grow\n\n![cost sweeps]({plot.name})\n\nOne ViLT-B layer, batch 1, its input needing "
-        "grad; training step relative to the same frozen layer.\n\n" + sweeps_markdown(sweeps),
+        f"### How costs grow\n\n![cost sweeps]({plot.name})\n\nOne ViLT-B layer, batch {args.batch_size}, its input "
+        "needing grad; training step relative to the same frozen layer.\n\n" + sweeps_markdown(sweeps),
     ]
     write_section(SECTION, "\n\n".join(sections), output / RESULTS_PATH.name)
 
@@ -507,8 +507,8 @@ def main() -> None:
         results.append((backbone, benchmark_backbone(backbone, args.prompts, repetitions, device)))
         print(f"{backbone.name}: {time.perf_counter() - start:.0f} s", flush=True)
     sweeps = [
-        sweep_layer("p", args.sweep_prompts, {"n": 185, "p": 200}, args.tiny, args.sweep_repetitions, device, dtype),
-        sweep_layer("n", args.sweep_tokens, {"n": 185, "p": 200}, args.tiny, args.sweep_repetitions, device, dtype),
+        sweep_layer(variable, values, {"n": 185, "p": 200}, args, device, dtype)
+        for variable, values in (("p", args.sweep_prompts), ("n", args.sweep_tokens))
     ]
     args.output_dir.mkdir(parents=True, exist_ok=True)
     write_report(results, sweeps, args, device, args.output_dir)
