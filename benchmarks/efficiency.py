@@ -112,7 +112,7 @@ def bridgetower(tiny: bool, batch_size: int) -> Backbone:
         f"(APT on their {4 * layers} attention modules), {TEXT_TOKENS} text + {(side // patch) ** 2 + 1} image "
         f"tokens ({side}x{side}), batch {batch_size}",
         model, inputs, "itm_score",
-        [f"bridgetower.cross_modal_{side}_layers.{i}" for side in ("text", "image") for i in range(layers)],
+        [f"bridgetower.cross_modal_{stream}_layers.{i}" for stream in ("text", "image") for i in range(layers)],
         r".*cross_modal_(text|image)_layers\.\d+\.(attention|crossattention)\.self\.(query|value)",
         config.hidden_size,
     )
@@ -190,6 +190,15 @@ def forward_flops(variant: Variant) -> int:
         variant.forward()
     for handle in handles:
         handle.remove()
+    return counter.get_total_flops()
+
+
+def training_step_flops(variant: Variant) -> int:
+    """FLOPs of a forward and backward in training mode: what a step's time would be if every FLOP cost the same."""
+    variant.model.train()
+    with FlopCounterMode(display=False) as counter:
+        variant.forward().float().square().mean().backward()
+    variant.model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
 
@@ -305,6 +314,7 @@ def benchmark_backbone(backbone: Backbone, prompt_counts: list[int], repetitions
         analytic = sum(4 * tokens * p * d for tokens, p, d in variant.apt_inputs)
         rows[variant.name] = dict(
             params=variant.added_params, flops=flops, analytic=analytic,
+            step_flops=training_step_flops(variant) if variant.steps else None,
             saved=saved_activation_bytes(variant), peak=peak_step_memory(variant, device) if variant.steps else None,
         )
     times = interleaved_times(variants, repetitions, device)
@@ -328,6 +338,8 @@ def benchmark_backbone(backbone: Backbone, prompt_counts: list[int], repetitions
             (f"infer_apt_base_{p}", "infer", apt, "frozen"),
         ]:
             summary[key] = {clock: ratios(times, kind, numerator, denominator, clock) for clock in clocks(device)}
+            flops = "step_flops" if kind == "step" else "flops"
+            summary[key]["FLOPs"] = [rows[numerator][flops] / rows[denominator][flops]]
     return dict(rows=rows, summary=summary, repetitions=repetitions)
 
 
@@ -427,7 +439,7 @@ def format_spread(values: list[float]) -> str:
 
 
 def targets_markdown(summary: dict, prompts: list[int], device: torch.device) -> str:
-    primary, *others = clocks(device)
+    primary, *others = clocks(device) + ["FLOPs"]
     table = []
     for description, key, bound, kind in targets(*prompts[:2]):
         measured = summary[key] if isinstance(summary[key], dict) else {primary: [summary[key]]}
@@ -437,7 +449,8 @@ def targets_markdown(summary: dict, prompts: list[int], device: torch.device) ->
         table.append([description, format_spread(measured[primary]),
                       *(format_spread(measured[c]) if c in measured else "" for c in others),
                       target, "holds" if holds else "**missed**"])
-    header = ["target (ViLT)", f"measured ({primary} time for times)", *(f"{c} time" for c in others), "target", ""]
+    header = ["target (ViLT)", f"measured ({primary} time for times)", *(f"{c} time" if c != "FLOPs" else
+              "FLOP ratio of the same (deterministic)" for c in others), "target", ""]
     return markdown_table(header, table)
 
 
@@ -482,8 +495,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads; 1 keeps timings stable when other jobs share the cores")
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--repetitions", type=int, default=6, help="interleaved timed repetitions on ViLT")
-    parser.add_argument("--bridgetower-repetitions", type=int, default=2,
+    parser.add_argument("--repetitions", type=int, default=5, help="interleaved timed repetitions on ViLT")
+    parser.add_argument("--bridgetower-repetitions", type=int, default=1,
                         help="the same on BridgeTower, 3x the cost per repetition and no targets")
     parser.add_argument("--prompts", type=int, nargs=2, default=[200, 50], help="p for the tables: large, small")
     parser.add_argument("--sweep-prompts", type=int, nargs="+", default=[10, 25, 50, 100, 200, 400])
