@@ -161,8 +161,8 @@ def make_variant(backbone: Backbone, method: str, num_prompts: int = 0) -> Varia
         model.get_submodule(backbone.head).requires_grad_(True)
     name = f"{method} p={num_prompts}" if num_prompts else method
     variant = Variant(name, model, lambda: logits(model(**backbone.inputs)))
-    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    variant.added_params = sum(p.numel() for name, p in trainable.items() if backbone.head not in name.split("."))
+    trainable = {path: p for path, p in model.named_parameters() if p.requires_grad}
+    variant.added_params = sum(p.numel() for path, p in trainable.items() if backbone.head not in path.split("."))
     variant.steps = method != "frozen" or backbone.input_needs_grad
     if trainable:
         variant.optimizer = torch.optim.AdamW(trainable.values(), lr=1e-4)
