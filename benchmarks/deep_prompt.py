@@ -36,8 +36,10 @@ class DeepPrompts(nn.Module):
     def __init__(self, layers: Sequence[nn.Module], num_prompts: int, hidden_size: int):
         super().__init__()
         self.num_prompts = num_prompts
+        like = next(layers[0].parameters())
         self.prompts = nn.ParameterList(
-            [nn.Parameter(torch.randn(num_prompts, hidden_size) * 0.02) for _ in layers]
+            [nn.Parameter(0.02 * torch.randn(num_prompts, hidden_size, device=like.device, dtype=like.dtype))
+             for _ in layers]
         )
         self.handles = []
         for layer, prompts in zip(layers, self.prompts):

@@ -112,7 +112,7 @@ def bridgetower(tiny: bool, batch_size: int) -> Backbone:
         f"(APT on their {4 * layers} attention modules), {TEXT_TOKENS} text + {(side // patch) ** 2 + 1} image "
         f"tokens ({side}x{side}), batch {batch_size}",
         model, inputs, "itm_score",
-        [f"bridgetower.cross_modal_{side}_layers.{i}" for side in ("text", "image") for i in range(layers)],
+        [f"bridgetower.cross_modal_{stream}_layers.{i}" for stream in ("text", "image") for i in range(layers)],
         r".*cross_modal_(text|image)_layers\.\d+\.(attention|crossattention)\.self\.(query|value)",
         config.hidden_size,
     )
@@ -161,8 +161,8 @@ def make_variant(backbone: Backbone, method: str, num_prompts: int = 0) -> Varia
         model.get_submodule(backbone.head).requires_grad_(True)
     name = f"{method} p={num_prompts}" if num_prompts else method
     variant = Variant(name, model, lambda: logits(model(**backbone.inputs)))
-    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    variant.added_params = sum(p.numel() for name, p in trainable.items() if backbone.head not in name.split("."))
+    trainable = {path: p for path, p in model.named_parameters() if p.requires_grad}
+    variant.added_params = sum(p.numel() for path, p in trainable.items() if backbone.head not in path.split("."))
     variant.steps = method != "frozen" or backbone.input_needs_grad
     if trainable:
         variant.optimizer = torch.optim.AdamW(trainable.values(), lr=1e-4)
@@ -190,6 +190,15 @@ def forward_flops(variant: Variant) -> int:
         variant.forward()
     for handle in handles:
         handle.remove()
+    return counter.get_total_flops()
+
+
+def training_step_flops(variant: Variant) -> int:
+    """FLOPs of a forward and backward in training mode: what a step's time would be if every FLOP cost the same."""
+    variant.model.train()
+    with FlopCounterMode(display=False) as counter:
+        variant.forward().float().square().mean().backward()
+    variant.model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
 
@@ -278,9 +287,13 @@ def clocks(device: torch.device) -> list[str]:
     return ["cpu", "wall"] if device.type == "cpu" else ["wall"]
 
 
+def ratios(times: dict, kind: str, numerator: str, denominator: str, clock: str) -> list[float]:
+    """Per-repetition ratios: both timings of a pair come from the same repetition, under the same load."""
+    return [a / b for a, b in zip(times[numerator][kind][clock], times[denominator][kind][clock])]
+
+
 def median_ratio(times: dict, kind: str, numerator: str, denominator: str, clock: str) -> float:
-    pairs = zip(times[numerator][kind][clock], times[denominator][kind][clock])
-    return statistics.median(a / b for a, b in pairs)
+    return statistics.median(ratios(times, kind, numerator, denominator, clock))
 
 
 def to_device(backbone: Backbone, device: torch.device, dtype: torch.dtype) -> None:
@@ -301,6 +314,7 @@ def benchmark_backbone(backbone: Backbone, prompt_counts: list[int], repetitions
         analytic = sum(4 * tokens * p * d for tokens, p, d in variant.apt_inputs)
         rows[variant.name] = dict(
             params=variant.added_params, flops=flops, analytic=analytic,
+            step_flops=training_step_flops(variant) if variant.steps else None,
             saved=saved_activation_bytes(variant), peak=peak_step_memory(variant, device) if variant.steps else None,
         )
     times = interleaved_times(variants, repetitions, device)
@@ -323,8 +337,10 @@ def benchmark_backbone(backbone: Backbone, prompt_counts: list[int], repetitions
             (f"step_deep_apt_{p}", "step", deep, apt),
             (f"infer_apt_base_{p}", "infer", apt, "frozen"),
         ]:
-            summary[key] = {clock: median_ratio(times, kind, numerator, denominator, clock) for clock in clocks(device)}
-    return dict(rows=rows, summary=summary)
+            summary[key] = {clock: ratios(times, kind, numerator, denominator, clock) for clock in clocks(device)}
+            flops = "step_flops" if kind == "step" else "flops"
+            summary[key]["FLOPs"] = [rows[numerator][flops] / rows[denominator][flops]]
+    return dict(rows=rows, summary=summary, repetitions=repetitions)
 
 
 
@@ -342,17 +358,17 @@ class SingleLayer(nn.Module):
         return self.layer(self.hidden_states)[0]
 
 
-def sweep_layer(vary: str, values: list[int], fixed: dict, tiny: bool, repetitions: int, device: torch.device,
+def sweep_layer(vary: str, values: list[int], fixed: dict, args: argparse.Namespace, device: torch.device,
                 dtype: torch.dtype) -> dict:
-    """How each method's added FLOPs and training-step time grow with p or n, on one ViLT-sized layer (batch 1)."""
-    config = T.ViltConfig(hidden_size=32, num_attention_heads=2, intermediate_size=37) if tiny else T.ViltConfig()
+    """How each method's added FLOPs and training-step time grow with p or n, on one ViLT-sized layer."""
+    config = T.ViltConfig(hidden_size=32, num_attention_heads=2, intermediate_size=37) if args.tiny else T.ViltConfig()
     d = config.hidden_size
     flops = {"APT": [], "APT (analytic)": [], "deep prompt": [], "LoRA": []}
     step = {"APT": [], "deep prompt": [], "LoRA": []}
     for value in values:
         setting = {**fixed, vary: value}
         layer = T.models.vilt.modeling_vilt.ViltLayer(config).to(device=device, dtype=dtype)
-        hidden_states = torch.randn(1, setting["n"], d, device=device, dtype=dtype, requires_grad=True)
+        hidden_states = torch.randn(args.batch_size, setting["n"], d, device=device, dtype=dtype, requires_grad=True)
         backbone = Backbone("layer", "", SingleLayer(layer, hidden_states), {}, "head", ["layer"],
                             ["query", "value"], d, apt_targets=["attention"], input_needs_grad=True)
         backbone.model.requires_grad_(False)
@@ -362,7 +378,7 @@ def sweep_layer(vary: str, values: list[int], fixed: dict, tiny: bool, repetitio
         for variant in variants[1:]:
             flops[variant.name.split(" p=")[0]].append((forward_flops(variant) - frozen) / 1e9)
         flops["APT (analytic)"].append(sum(4 * n * p * d for n, p, d in variants[-1].apt_inputs) / 1e9)
-        times = interleaved_times(variants, repetitions, device)
+        times = interleaved_times(variants, args.sweep_repetitions, device)
         for variant in variants[1:]:
             ratio = median_ratio(times, "step", variant.name, "frozen", clocks(device)[0])
             step[variant.name.split(" p=")[0]].append(ratio)
@@ -384,7 +400,7 @@ def format_time(measured: dict, reference: str) -> str:
     return text + "".join(f" ({other} {other_ratio:.3f}x)" for other, (_, other_ratio) in others)
 
 
-def backbone_markdown(backbone: Backbone, result: dict, repetitions: int, device: torch.device) -> str:
+def backbone_markdown(backbone: Backbone, result: dict, device: torch.device) -> str:
     rows, frozen = result["rows"], result["rows"]["frozen"]
     header = ["method", "added params", "added fwd FLOPs", "fwd FLOPs vs frozen", "saved for backward",
               f"inference ({clocks(device)[0]} time)", f"training step ({clocks(device)[0]} time)"]
@@ -407,22 +423,34 @@ def backbone_markdown(backbone: Backbone, result: dict, repetitions: int, device
         table.append(line)
     return (
         f"### {backbone.name}\n\n{backbone.description}; frozen forward {format_count(frozen['flops'])}FLOPs. "
-        f"Times: medians over {repetitions} interleaved repetitions; ratios are medians of per-repetition ratios.\n\n"
+        f"Times: medians over {result['repetitions']} interleaved repetitions; ratios are medians of "
+        "per-repetition ratios.\n\n"
         + markdown_table(header, table)
     )
 
 
+def format_spread(values: list[float]) -> str:
+    """The median, and the quartiles of the per-repetition values when there are enough to say how noisy it is."""
+    text = f"{statistics.median(values):.3f}"
+    if len(values) >= 4:
+        low, _, high = statistics.quantiles(values, n=4)
+        text += f" [{low:.3f}, {high:.3f}]"
+    return text
+
+
 def targets_markdown(summary: dict, prompts: list[int], device: torch.device) -> str:
-    primary, *others = clocks(device)
+    primary, *others = clocks(device) + ["FLOPs"]
     table = []
     for description, key, bound, kind in targets(*prompts[:2]):
-        measured = summary[key] if isinstance(summary[key], dict) else {primary: summary[key]}
-        value = measured[primary]
+        measured = summary[key] if isinstance(summary[key], dict) else {primary: [summary[key]]}
+        value = statistics.median(measured[primary])
         holds = {"within": abs(value - 1) <= bound, "max": value <= bound, "min": value >= bound}[kind]
         target = {"within": f"1 +/- {bound}", "max": f"<= {bound}", "min": f">= {bound}"}[kind]
-        table.append([description, f"{value:.3f}", *(f"{measured[c]:.3f}" if c in measured else "" for c in others),
+        table.append([description, format_spread(measured[primary]),
+                      *(format_spread(measured[c]) if c in measured else "" for c in others),
                       target, "holds" if holds else "**missed**"])
-    header = ["target (ViLT)", f"measured ({primary} time for times)", *(f"{c} time" for c in others), "target", ""]
+    header = ["target (ViLT)", f"measured ({primary} time for times)", *(f"{c} time" if c != "FLOPs" else
+              "FLOP ratio of the same (deterministic)" for c in others), "target", ""]
     return markdown_table(header, table)
 
 
@@ -432,14 +460,15 @@ def write_report(results: list, sweeps: list, args: argparse.Namespace, device: 
     plot_cost_sweeps(sweeps, plot)
     sections = [
         "## Efficiency (`benchmarks/efficiency.py`)",
-        environment(device) + f"- dtype: {args.dtype}; random weights (cost does not depend on them); p prompts, "
+        environment(device) + f"- dtype: {args.dtype}; times are medians, [quartiles] of per-repetition ratios where "
+        "there are enough; random weights (cost does not depend on them); p prompts, "
         f"APT and LoRA rank {RANK}; LoRA on query/value of the same layers; every trained method also trains "
         "the task head. 'saved for backward' counts the distinct activation tensors autograd keeps in a "
         "training forward (weights excluded): a deterministic proxy of training memory.",
         targets_markdown(vilt_summary, args.prompts, device),
-        *(backbone_markdown(backbone, result, args.repetitions, device) for backbone, result in results),
-        f"### How costs grow\n\n![cost sweeps]({plot.name})\n\nOne ViLT-B layer, batch 1, its input needing "
-        "grad; training step relative to the same frozen layer.\n\n" + sweeps_markdown(sweeps),
+        *(backbone_markdown(backbone, result, device) for backbone, result in results),
+        f"### How costs grow\n\n![cost sweeps]({plot.name})\n\nOne ViLT-B layer, batch {args.batch_size}, its input "
+        "needing grad; training step relative to the same frozen layer.\n\n" + sweeps_markdown(sweeps),
     ]
     write_section(SECTION, "\n\n".join(sections), output / RESULTS_PATH.name)
 
@@ -466,7 +495,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads; 1 keeps timings stable when other jobs share the cores")
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--repetitions", type=int, default=5, help="interleaved timed repetitions per model")
+    parser.add_argument("--repetitions", type=int, default=5, help="interleaved timed repetitions on ViLT")
+    parser.add_argument("--bridgetower-repetitions", type=int, default=1,
+                        help="the same on BridgeTower, 3x the cost per repetition and no targets")
     parser.add_argument("--prompts", type=int, nargs=2, default=[200, 50], help="p for the tables: large, small")
     parser.add_argument("--sweep-prompts", type=int, nargs="+", default=[10, 25, 50, 100, 200, 400])
     parser.add_argument("--sweep-tokens", type=int, nargs="+", default=[64, 185, 400, 800])
@@ -475,7 +506,7 @@ def main() -> None:
     parser.add_argument("--output-dir", type=Path, default=RESULTS_PATH.parent)
     args = parser.parse_args()
     if args.tiny:
-        args.repetitions = args.sweep_repetitions = 1
+        args.repetitions = args.bridgetower_repetitions = args.sweep_repetitions = 1
         args.prompts, args.sweep_prompts, args.sweep_tokens = [8, 2], [2, 8], [16, 32]
     device, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     torch.set_num_threads(args.threads)
@@ -485,11 +516,12 @@ def main() -> None:
         backbone = {"vilt": vilt, "bridgetower": bridgetower}[name](args.tiny, args.batch_size)
         to_device(backbone, device, dtype)
         start = time.perf_counter()
-        results.append((backbone, benchmark_backbone(backbone, args.prompts, args.repetitions, device)))
+        repetitions = args.repetitions if name == "vilt" else args.bridgetower_repetitions
+        results.append((backbone, benchmark_backbone(backbone, args.prompts, repetitions, device)))
         print(f"{backbone.name}: {time.perf_counter() - start:.0f} s", flush=True)
     sweeps = [
-        sweep_layer("p", args.sweep_prompts, {"n": 185, "p": 200}, args.tiny, args.sweep_repetitions, device, dtype),
-        sweep_layer("n", args.sweep_tokens, {"n": 185, "p": 200}, args.tiny, args.sweep_repetitions, device, dtype),
+        sweep_layer(variable, values, {"n": 185, "p": 200}, args, device, dtype)
+        for variable, values in (("p", args.sweep_prompts), ("n", args.sweep_tokens))
     ]
     args.output_dir.mkdir(parents=True, exist_ok=True)
     write_report(results, sweeps, args, device, args.output_dir)

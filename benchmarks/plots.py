@@ -31,8 +31,8 @@ def plot_cost_sweeps(sweeps: Sequence[dict], path: Path) -> None:
     """
     One column per swept variable, rows `added GFLOPs` and `training step vs frozen`, one line per method.
 
-    Each sweep is `{"variable": label, "values": [...], "flops": {method: [...]}, "step": {method: [...]}, "title": str}`;
-    a method named `... (analytic)` is drawn dashed, so measured and predicted costs can be compared at a glance.
+    Each sweep is `{"variable", "values", "title", "flops": {method: values}, "step": {method: values}}`; a method
+    named `... (analytic)` is drawn dashed, so measured and predicted costs can be compared at a glance.
     """
     fig, axes = plt.subplots(2, len(sweeps), figsize=(5.5 * len(sweeps), 8), squeeze=False)
     for column, sweep in enumerate(sweeps):

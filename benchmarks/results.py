@@ -12,7 +12,7 @@ import torch
 import transformers
 
 RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
-TITLE = "# peft-apt benchmark results\n\nEach section is written by the script it names; rerun that script to refresh it.\n"
+TITLE = "# peft-apt benchmark results\n\nEach section is written by the script it names; rerun it to refresh it.\n"
 
 
 def write_section(name: str, markdown: str, path: Path = RESULTS_PATH) -> None:

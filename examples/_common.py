@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from accelerate.utils import gather_object
-from peft import get_peft_model_state_dict
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict
 from PIL import Image
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
-# Importing peft_apt registers APT with PEFT; from a checkout, the examples also run without installing it.
-try:
-    import peft_apt  # noqa: F401
-except ImportError:
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import peft_apt  # noqa: F401
+from peft_apt import APTConfig  # importing peft_apt registers APT with PEFT
 
 
 def accelerator_available() -> bool:
@@ -124,3 +118,26 @@ def report_processes(trainer: Trainer) -> None:
         line += "; adapter identical on all processes"
     if trainer.is_world_process_zero():
         print(line)
+
+
+def add_apt(model: torch.nn.Module, script_args: APTArguments) -> PeftModel:
+    """APT on the model type's default attention modules; the new head (`classifier`) trains and saves with it."""
+    config = APTConfig(
+        num_prompts=script_args.num_prompts,
+        r=script_args.r,
+        apt_dropout=script_args.apt_dropout,
+        modules_to_save=["classifier"],
+    )
+    return get_peft_model(model, config)
+
+
+def train_and_save(trainer: APTTrainer, processor) -> dict:
+    """Train (resuming if asked), save the adapter and the processor at the top of output_dir, then evaluate."""
+    args = trainer.args
+    report_start(trainer)
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    report_processes(trainer)
+    trainer.save_model(args.output_dir)
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(args.output_dir)
+    return trainer.evaluate() if trainer.eval_dataset is not None else {}

@@ -20,8 +20,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-from _common import APTArguments, APTTrainer, load_image, parse_args, report_processes, report_start
-from peft import get_peft_model
+from _common import APTArguments, APTTrainer, add_apt, load_image, parse_args, train_and_save
 from PIL import Image, ImageDraw
 from transformers import (
     BertTokenizer,
@@ -32,7 +31,6 @@ from transformers import (
     set_seed,
 )
 
-from peft_apt import APTConfig
 
 
 @dataclass
@@ -217,13 +215,7 @@ def main(args: Optional[list[str]] = None) -> dict[str, float]:
     evaluation = evaluation[: script_args.max_eval_samples]
     label2id = model.config.label2id
 
-    apt_config = APTConfig(
-        num_prompts=script_args.num_prompts,
-        r=script_args.r,
-        apt_dropout=script_args.apt_dropout,
-        modules_to_save=["classifier"],
-    )
-    model = get_peft_model(model, apt_config)
+    model = add_apt(model, script_args)
     trainer = APTTrainer(
         model=model,
         args=training_args,
@@ -233,14 +225,7 @@ def main(args: Optional[list[str]] = None) -> dict[str, float]:
         compute_metrics=vqa_accuracy,
         head_lr_ratio=script_args.head_lr_ratio,
     )
-    report_start(trainer)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    report_processes(trainer)
-    trainer.save_model(training_args.output_dir)
-    if trainer.is_world_process_zero():
-        processor.save_pretrained(training_args.output_dir)
-
-    metrics = trainer.evaluate() if evaluation else {}
+    metrics = train_and_save(trainer, processor)
     if metrics and trainer.is_world_process_zero():
         print(f"Final VQA accuracy: {metrics['eval_vqa_accuracy']:.3f}")
         for name, value in baselines(train, evaluation, label2id).items():

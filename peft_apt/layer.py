@@ -40,19 +40,25 @@ def approximated_prompt_output(
 
     `output` is O, the attention output right after its output projection, and `query_states` is X, the hidden
     states entering the attention on the query side; both end in the hidden size d. Only the keys are computed once
-    per call; everything else is two batched matmuls over the tokens. The prompt weight `a` is a constant for
+    per call; everything else is two matmuls over the tokens. The prompt weight `a` is a constant for
     backpropagation, as in the reference code.
 
         K  = P + (P @ W1) @ W2
         A  = dropout(relu(X @ K^T))
         a  = max_j A[..., j]          (detached)
         O' = exp(s) * (O + a * (A @ P))
+
+    The two matmuls over the tokens are nearly all of the cost, so the rest is arranged to add as few passes over
+    memory as possible: `a` scales the n x p scores rather than the n x d product (p < d in practice), and the sum
+    with O is fused into the second matmul.
     """
-    keys = prompts + (prompts @ W1) @ W2
-    scores = torch.relu(query_states @ keys.T)
+    d, num_prompts = prompts.shape[-1], prompts.shape[0]
+    keys = torch.addmm(prompts, prompts @ W1, W2)
+    scores = (query_states @ keys.T).relu_()
     scores = F.dropout(scores, p=dropout, training=training)
-    weight = scores.amax(dim=-1, keepdim=True).detach()
-    return log_scale.exp() * (output + weight * (scores @ prompts))
+    weight = scores.detach().amax(dim=-1, keepdim=True)
+    summed = torch.addmm(output.reshape(-1, d), (scores * weight).reshape(-1, num_prompts), prompts)
+    return log_scale.exp() * summed.view(output.shape)
 
 
 def calibrated_prompt_scale(

@@ -11,23 +11,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_example(script: str, *args: str, tiny: bool = True) -> str:
+def run_example(script: str, *args: str) -> str:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / script), *(["--tiny"] if tiny else []), *args],
+        [sys.executable, str(ROOT / "examples" / script), "--tiny", *args],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
-
-
-def test_quickstart_learns_visibly(tmp_path):
-    out = run_example("quickstart.py", "--steps", "40", "--output-dir", str(tmp_path), tiny=False)
-    assert "trainable params: 12,424" in out
-    losses = [float(x) for x in re.findall(r"loss ([\d.]+)", out)]
-    assert losses[-1] < losses[0] - 0.3
-    assert float(re.search(r"held-out accuracy ([\d.]+)", out).group(1)) > 0.5  # chance is 0.375
-    assert (tmp_path / "adapter_model.safetensors").exists()
 
 
 def test_causal_lm_tiny_learns_and_generates(tmp_path):
