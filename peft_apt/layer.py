@@ -61,21 +61,24 @@ def approximated_prompt_output(
     return log_scale.exp() * summed.view(output.shape)
 
 
-def calibrated_prompt_scale(
-    prompts: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor, target: float = INITIAL_TERM_RATIO, num_probes: int = 256
-) -> float:
+def calibrated_prompt_scale(num_prompts: int, hidden_size: int, target: float = INITIAL_TERM_RATIO) -> float:
     """
-    The factor c such that, with prompts c * P, the prompt term on LayerNorm-sized inputs is `target` times the input.
+    The factor c (at most 1) such that prompts c * P, P drawn as in the reference init, make the initial prompt term
+    `target` times a LayerNorm-sized input.
 
     With the reference init (P ~ N(0, 0.02^2)) the term a * (A @ P) grows with the cube of the prompts' scale, with p
     and with ||X||^2; on pretrained ViTs it starts as large as O itself and wrecks the features. APT's inputs X are
-    normalised hidden states (||x|| ~ sqrt(d)) and P is isotropic, so the term's size depends on x only through ||x||:
-    fixed Gaussian probes measure it for this module's p and d without data, and the cube root sets the scale.
+    normalised hidden states (||x|| ~ sqrt(d)), P is isotropic and K = P at init, so the term's size depends on p, d
+    and ||x|| alone: fixed Gaussian draws measure it without data, the cube root gives the scale, and the result is
+    the same for every module of that p and d (so a reloaded adapter gets the c it was trained with).
     """
-    probes = torch.randn(num_probes, prompts.shape[1], generator=torch.Generator().manual_seed(0)).to(prompts)
-    term = approximated_prompt_output(torch.zeros_like(probes), probes, prompts, W1, W2, torch.zeros_like(W2[:1, :1]))
-    ratio = (term.norm(dim=-1) / probes.norm(dim=-1)).mean()
-    return float((target / ratio) ** (1 / 3))
+    generator = torch.Generator().manual_seed(0)
+    probes = torch.randn(256, hidden_size, generator=generator)
+    prompts = 0.02 * torch.randn(num_prompts, hidden_size, generator=generator)
+    no_rank = torch.zeros(hidden_size, 0)
+    term = approximated_prompt_output(torch.zeros_like(probes), probes, prompts, no_rank, no_rank.T, torch.zeros(1))
+    ratio = (term.norm(dim=-1) / probes.norm(dim=-1)).mean().item()
+    return min(1.0, (target / ratio) ** (1 / 3))
 
 
 def find_output_projection(attention: nn.Module) -> Optional[str]:
@@ -184,7 +187,7 @@ class APTLayer(nn.Module, BaseTunerLayer):
         nn.init.zeros_(W2)
         nn.init.zeros_(log_scale)
         if init_weights is True:
-            scale = calibrated_prompt_scale(prompts, W1, W2)
+            scale = calibrated_prompt_scale(*prompts.shape)
             # A power-of-two multiplier makes P <-> apt_prompt exact in any float format (adapter files round-trip);
             # apt_prompt absorbs the rest, so it stays within a factor sqrt(2) of the reference scale.
             self.prompt_scale[adapter_name] = 2.0 ** round(math.log2(scale))

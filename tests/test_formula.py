@@ -7,13 +7,14 @@ from peft_apt import approximated_prompt_output
 
 
 def tensors(n=6, d=8, p=5, r=2, batch=3, seed=0):
+    """float64, so that the library and the reference agree to rounding whatever the matmul order or threads."""
     g = torch.Generator().manual_seed(seed)
-    X = torch.randn(batch, n, d, generator=g)
-    O = torch.randn(batch, n, d, generator=g)
-    P = (torch.randn(p, d, generator=g) * 0.5).requires_grad_()
-    W1 = (torch.randn(d, r, generator=g) / d**0.5).requires_grad_()
-    W2 = (torch.randn(r, d, generator=g) / r**0.5).requires_grad_()
-    s = torch.tensor([0.2]).requires_grad_()
+    X = torch.randn(batch, n, d, generator=g, dtype=torch.float64)
+    O = torch.randn(batch, n, d, generator=g, dtype=torch.float64)
+    P = (torch.randn(p, d, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
+    W1 = (torch.randn(d, r, generator=g, dtype=torch.float64) / d**0.5).requires_grad_()
+    W2 = (torch.randn(r, d, generator=g, dtype=torch.float64) / max(r, 1) ** 0.5).requires_grad_()
+    s = torch.tensor([0.2], dtype=torch.float64).requires_grad_()
     return O, X, P, W1, W2, s
 
 
@@ -45,7 +46,7 @@ def test_prompt_weight_is_a_constant_for_backprop():
 def test_scale_multiplies_the_whole_output_and_rank_zero_means_keys_are_prompts():
     O, X, P, W1, W2, s = tensors(r=0)
     with torch.no_grad():
-        zero_s = approximated_prompt_output(O, X, P, W1, W2, torch.zeros(1))
+        zero_s = approximated_prompt_output(O, X, P, W1, W2, torch.zeros(1, dtype=torch.float64))
         out = approximated_prompt_output(O, X, P, W1, W2, s)
         torch.testing.assert_close(out, torch.exp(s) * zero_s)
         A = torch.relu(X @ P.T)

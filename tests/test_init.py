@@ -102,3 +102,17 @@ def test_calibration_hits_its_target_on_layernorm_sized_inputs():
     A = torch.relu(x @ P.T)
     term = A.amax(dim=-1, keepdim=True) * (A @ P)
     assert (term.norm(dim=-1) / x.norm(dim=-1)).mean().item() == pytest.approx(INITIAL_TERM_RATIO, rel=0.2)
+
+
+def test_multiplier_depends_on_p_and_d_only_and_never_enlarges_the_reference_init():
+    """A reloaded or resumed adapter must get the multiplier it was trained with, whatever the random draw."""
+    from peft_apt.layer import calibrated_prompt_scale
+
+    scales = set()
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model, _ = pretrained_like_attention()
+        layer = get_peft_model(model, APTConfig(num_prompts=200)).base_model.model.encoder.layer[0].attention
+        scales.add(layer.prompt_scale["default"])
+    assert len(scales) == 1 and scales.pop() < 1.0
+    assert calibrated_prompt_scale(num_prompts=4, hidden_size=32) == 1.0  # tiny modules keep the reference scale
