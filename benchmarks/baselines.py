@@ -2,10 +2,13 @@
 
 VPT-deep (Jia et al., 2022) gives every encoder layer its own p learnable prompt tokens: they are inserted into the
 layer's input sequence (after the CLS token) and dropped from its output, so each layer sees fresh prompts. We add them
-with hooks on the layer modules rather than copying transformers code, so it works for any encoder whose layers take
-`(hidden_states, attention_mask=None, ...)` and return the hidden states (alone or first in a tuple).
+with hooks on the layer modules rather than copying transformers code, so it works for any batch-first layer whose
+first argument is the hidden states (an `attention_mask` argument, positional or keyword, is widened to match) and
+that returns the hidden states (alone or first in a tuple): ViT-family blocks, ViLT's encoder layers, BridgeTower's
+cross-modal layers.
 """
 
+import inspect
 import math
 from typing import Literal, Sequence
 
@@ -74,33 +77,28 @@ class DeepPrompts(nn.Module):
         self.insert_at = insert_at
         self.prompts = nn.Parameter(torch.empty(len(layers), num_prompts, hidden_size))
         nn.init.uniform_(self.prompts, -init_bound, init_bound)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout
         self._handles = []
         for index, layer in enumerate(layers):
-            self._handles.append(layer.register_forward_pre_hook(self._make_pre_hook(index), with_kwargs=True))
+            self._handles.append(layer.register_forward_pre_hook(self._make_pre_hook(index, layer), with_kwargs=True))
             self._handles.append(layer.register_forward_hook(self._drop_prompts))
 
-    def _make_pre_hook(self, index: int):
+    def _make_pre_hook(self, index: int, layer: nn.Module):
+        signature = inspect.signature(layer.forward)
+        hidden_name = next(iter(signature.parameters))
+
         def insert_prompts(module, args, kwargs):
-            if args:
-                hidden_states, args = args[0], args[1:]
-            else:
-                hidden_states = kwargs.pop("hidden_states")
-            prompts = self.dropout(self.prompts[index]).to(hidden_states.dtype)
+            bound = signature.bind(*args, **kwargs)
+            hidden_states = bound.arguments[hidden_name]
+            prompts = nn.functional.dropout(self.prompts[index], self.dropout, self.training).to(hidden_states.dtype)
             prompts = prompts.unsqueeze(0).expand(hidden_states.shape[0], -1, -1)
             at = self.insert_at
-            hidden_states = torch.cat([hidden_states[:, :at], prompts, hidden_states[:, at:]], dim=1)
-
-            mask_in_args = len(args) > 0
-            mask = args[0] if mask_in_args else kwargs.get("attention_mask")
+            bound.arguments[hidden_name] = torch.cat([hidden_states[:, :at], prompts, hidden_states[:, at:]], dim=1)
+            mask = bound.arguments.get("attention_mask")
             if mask is not None:
                 mask = _insert_rows_or_cols(mask, -1, at, self.num_prompts)
-                mask = _insert_rows_or_cols(mask, -2, at, self.num_prompts)
-                if mask_in_args:
-                    args = (mask,) + args[1:]
-                else:
-                    kwargs["attention_mask"] = mask
-            return (hidden_states,) + args, kwargs
+                bound.arguments["attention_mask"] = _insert_rows_or_cols(mask, -2, at, self.num_prompts)
+            return bound.args, bound.kwargs
 
         return insert_prompts
 

@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from peft_apt import APTConfig, APTLayer
 
-from .deep_prompt import DeepPrompts
+from .baselines import DeepPrompts
 from .plots import plot_cost_sweeps
 from .results import RESULTS_PATH, environment, markdown_table, write_section
 
@@ -156,7 +156,7 @@ def make_variant(backbone: Backbone, method: str, num_prompts: int = 0) -> Varia
         model = get_peft_model(model, config)
     elif method == "deep prompt":
         layers = [model.get_submodule(path) for path in backbone.prompt_layers]
-        model.deep_prompts = DeepPrompts(layers, num_prompts, backbone.hidden_size)
+        model.deep_prompts = DeepPrompts(layers, num_prompts, backbone.hidden_size, init_bound=0.02)
     if method in ("head-only", "deep prompt"):
         model.get_submodule(backbone.head).requires_grad_(True)
     name = f"{method} p={num_prompts}" if num_prompts else method
