@@ -47,8 +47,8 @@ class APTConfig(PeftConfig):
             Dropout probability on the prompt attention scores during training, as the reference code's `attn_drop`.
         init_weights (`Union[bool, Literal["reference"]]`, defaults to `True`):
             How to initialise the adapter. `True` (safe default): the reference init, except that the prompts are
-            P = c * apt_prompt with apt_prompt at the reference scale and a fixed per-module multiplier c <= 1 set, from p
-            and d alone (no data), so that the initial prompt term is 0.3% of a LayerNorm-sized input
+            P = c * apt_prompt with apt_prompt at the reference scale and a fixed per-module multiplier c <= 1, set
+            from p and d alone (no data) so that the initial prompt term is 0.3% of a LayerNorm-sized input
             (`INITIAL_TERM_RATIO`). The adapted model starts close to the frozen one (the reference init moves
             pretrained DINOv2's attention outputs by 20% to 300%), and optimiser steps stay relative to the
             reference scale, so usual learning rates stay safe. Saved files hold the effective P. `"reference"`
