@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from functools import partial
@@ -61,6 +62,7 @@ def approximated_prompt_output(
     return log_scale.exp() * summed.view(output.shape)
 
 
+@functools.lru_cache
 def calibrated_prompt_scale(num_prompts: int, hidden_size: int, target: float = INITIAL_TERM_RATIO) -> float:
     """
     The factor c (at most 1) such that prompts c * P, P drawn as in the reference init, make the initial prompt term
@@ -173,7 +175,11 @@ class APTLayer(nn.Module, BaseTunerLayer):
     @torch.no_grad()
     def reset_apt_parameters(self, adapter_name: str, init_weights: Union[bool, str]) -> None:
         prompts, W1, W2, log_scale = (getattr(self, name)[adapter_name] for name in self.adapter_layer_names)
-        self.prompt_scale[adapter_name] = 1.0
+        # It depends on p and d only, so adapters created empty (on the meta device, for loading) get it too.
+        scale = calibrated_prompt_scale(*prompts.shape) if init_weights is True else 1.0
+        # A power-of-two multiplier makes P <-> apt_prompt exact in any float format (adapter files round-trip);
+        # apt_prompt absorbs the rest, so it stays within a factor sqrt(2) of the reference scale.
+        self.prompt_scale[adapter_name] = 2.0 ** round(math.log2(scale))
         if prompts.is_meta:
             return
         # The reference code's initialisation: K = P and exp(s) = 1 at the start.
@@ -186,12 +192,7 @@ class APTLayer(nn.Module, BaseTunerLayer):
             return
         nn.init.zeros_(W2)
         nn.init.zeros_(log_scale)
-        if init_weights is True:
-            scale = calibrated_prompt_scale(*prompts.shape)
-            # A power-of-two multiplier makes P <-> apt_prompt exact in any float format (adapter files round-trip);
-            # apt_prompt absorbs the rest, so it stays within a factor sqrt(2) of the reference scale.
-            self.prompt_scale[adapter_name] = 2.0 ** round(math.log2(scale))
-            prompts.mul_(scale / self.prompt_scale[adapter_name])
+        prompts.mul_(scale / self.prompt_scale[adapter_name])
 
     def prompts(self, adapter_name: str) -> torch.Tensor:
         """The effective prompts P of the formula (and of the adapter file): `prompt_scale` times `apt_prompt`."""

@@ -116,3 +116,18 @@ def test_multiplier_depends_on_p_and_d_only_and_never_enlarges_the_reference_ini
         scales.add(layer.prompt_scale["default"])
     assert len(scales) == 1 and scales.pop() < 1.0
     assert calibrated_prompt_scale(num_prompts=4, hidden_size=32) == 1.0  # tiny modules keep the reference scale
+
+
+def test_low_cpu_mem_usage_loading_keeps_the_multiplier(tmp_path):
+    """Adapters created on the meta device and then loaded get the multiplier they were trained with."""
+    from peft import PeftModel
+
+    model, _ = pretrained_like_attention()
+    trained = get_peft_model(model, APTConfig(num_prompts=200))
+    trained.save_pretrained(tmp_path)
+    fresh, _ = pretrained_like_attention()
+    loaded = PeftModel.from_pretrained(fresh, tmp_path, low_cpu_mem_usage=True)
+    layer = trained.base_model.model.encoder.layer[0].attention
+    loaded_layer = loaded.base_model.model.encoder.layer[0].attention
+    assert loaded_layer.prompt_scale == layer.prompt_scale and layer.prompt_scale["default"] < 1.0
+    assert torch.equal(loaded_layer.apt_prompt["default"], layer.apt_prompt["default"])
