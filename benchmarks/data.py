@@ -10,6 +10,7 @@ Splits are stratified and depend only on the seed. Only the images in the split 
 per textile image), so there is no on-disk cache.
 """
 
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -57,11 +58,16 @@ def load_digits(size: int = 112, n_train: int = 500, n_test: int = 500, seed: in
     return Splits(*prepare(train), *prepare(test), tuple(str(name) for name in digits.target_names))
 
 
-def textile_files() -> tuple[list, np.ndarray]:
-    """All textile image paths and their labels (index into `TEXTILE_CLASSES`), in a fixed order."""
-    from conformal_clip_data import textile_simulated_root
+def textile_files(root: Path | None = None) -> tuple[list, np.ndarray]:
+    """All textile image paths and their labels (index into `TEXTILE_CLASSES`), in a fixed order.
 
-    root = textile_simulated_root()
+    `root` holds one folder per class; by default the one installed by `conformal-clip-data`.
+    """
+    if root is None:
+        from conformal_clip_data import textile_simulated_root
+
+        root = textile_simulated_root()
+    root = Path(root)
     paths, labels = [], []
     for label, name in enumerate(TEXTILE_CLASSES):
         class_paths = sorted((root / name).glob("*.jpg"))
@@ -72,11 +78,13 @@ def textile_files() -> tuple[list, np.ndarray]:
     return paths, np.array(labels)
 
 
-def load_textile(size: int = 112, n_train: int = 300, n_test: int = 300, seed: int = 0) -> Splits:
-    """conformal-clip-data textiles, area-resampled from 250x250 to `size` x `size`."""
+def load_textile(
+    size: int = 112, n_train: int = 300, n_test: int = 300, seed: int = 0, root: Path | None = None
+) -> Splits:
+    """conformal-clip-data textiles (or a copy of their folders at `root`), area-resampled from 250x250 to `size`."""
     from PIL import Image
 
-    paths, labels = textile_files()
+    paths, labels = textile_files(root)
     train, test = _stratified_indices(labels, n_train, n_test, seed)
 
     def prepare(indices):
@@ -93,7 +101,8 @@ def load_textile(size: int = 112, n_train: int = 300, n_test: int = 300, seed: i
 DATASETS = {"digits": load_digits, "textile": load_textile}
 
 
-def load_dataset(name: str, size: int = 112, n_train: int = 300, n_test: int = 300, seed: int = 0) -> Splits:
+def load_dataset(name: str, size: int = 112, n_train: int = 300, n_test: int = 300, seed: int = 0, **options) -> Splits:
+    """`options` go to the dataset's loader (`root` for textile)."""
     if name not in DATASETS:
         raise ValueError(f"Unknown dataset {name!r}, choose from {sorted(DATASETS)}")
-    return DATASETS[name](size=size, n_train=n_train, n_test=n_test, seed=seed)
+    return DATASETS[name](size=size, n_train=n_train, n_test=n_test, seed=seed, **options)

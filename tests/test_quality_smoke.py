@@ -7,7 +7,7 @@ from benchmarks.quality import METHODS, main
 
 def test_quality_sweep_runs_end_to_end(tmp_path):
     results = tmp_path / "RESULTS.md"
-    main(["--tiny", "--datasets", "digits", "--seeds", "0", "--lrs", "1e-3", "--output-dir", str(tmp_path),
+    main(["--tiny", "--datasets", "digits", "--seeds", "0", "--lrs", "1e-3", "--methods", *METHODS, "--output-dir", str(tmp_path),
           "--results-md", str(results)])
     records = [json.loads(line) for line in (tmp_path / "quality-digits.jsonl").read_text().splitlines()]
     assert sorted(r["method"] for r in records) == sorted(METHODS)
