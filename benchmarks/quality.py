@@ -62,6 +62,31 @@ def _apt(num_prompts, init_weights=True):
     return lambda tail: get_peft_model(tail, APTConfig(num_prompts=num_prompts, r=4, init_weights=init_weights))
 
 
+def _apt_init_ablation(num_prompts, small_W1=False, trained_prompt_std=None):
+    """`APTConfig(num_prompts)` with its init changed after the fact, to measure parametrisations we did not choose.
+
+    `small_W1` divides W1 by sqrt(d): variance 1/d like LoRA's A instead of the authors' 1, so that P @ W1 is on P's
+    scale and steps on W2 turn the keys no faster than steps on P. `trained_prompt_std` trains apt_prompt at that std
+    instead of about 0.02, with the multiplier c adjusted so that P is unchanged: only the size of Adam's steps
+    relative to the prompts differs.
+    """
+
+    @torch.no_grad()
+    def attach(tail):
+        model = get_peft_model(tail, APTConfig(num_prompts=num_prompts, r=4))
+        for layer in tail.modules():
+            if isinstance(layer, APTLayer):
+                W1, prompts = layer.apt_W1["default"], layer.prompts("default")
+                if small_W1:
+                    W1.div_(math.sqrt(W1.shape[0]))
+                if trained_prompt_std:
+                    layer.prompt_scale["default"] = prompts.std().item() / trained_prompt_std
+                    layer.apt_prompt["default"].copy_(prompts / layer.prompt_scale["default"])
+        return model
+
+    return attach
+
+
 METHODS = {
     method.name: method
     for method in (
@@ -73,8 +98,22 @@ METHODS = {
         Method("APT p=50", _apt(50)),
         Method("APT p=200", _apt(200)),
         Method("APT p=50 reference init", _apt(50, "reference")),
+        Method("APT p=50 W1 var 1/d", _apt_init_ablation(50, small_W1=True)),
+        Method("APT p=200 W1 var 1/d", _apt_init_ablation(200, small_W1=True)),
+        Method("APT p=200 W1 var 1/d P/c std .02", _apt_init_ablation(200, small_W1=True, trained_prompt_std=0.02)),
+        *(
+            Method(f"APT p=200 P/c std .{std}", _apt_init_ablation(200, trained_prompt_std=float(f"0.{std}")))
+            for std in ("04", "08", "16")
+        ),
     )
 }
+ABLATION_LEGEND = (
+    " Init ablations, rows with a suffix (`_apt_init_ablation`): `W1 var 1/d` draws W1 with variance 1/d like LoRA's A "
+    "instead of the authors' 1; `P/c std x` trains apt_prompt at std x instead of about 0.02 (0.025 at p=200, "
+    "d=384, where c is rounded to a power of two), with c adjusted so that P is unchanged."
+)
+# What the CPU sweep runs by default: deep prompt p=50 is too slow there, init ablations are for the GPU run.
+CPU_METHODS = ("head-only", "full", "LoRA r=4", "deep prompt p=10", "APT p=50", "APT p=200", "APT p=50 reference init")
 
 
 def split_backbone(model: Dinov2Model, adapted_layers: int) -> tuple[Callable, Dinov2Model]:
@@ -256,6 +295,14 @@ def run_sweep(model: Dinov2Model, args: argparse.Namespace) -> None:
                 print(f"{dataset} seed {seed} {method} lr {lr:g}: {record['accuracy']:.3f} ({record['seconds']:.0f}s)")
 
 
+def recorded_environment(record: dict) -> str:
+    if "environment" in record:
+        return record["environment"]
+    # records from before runs kept their environment were made on this machine by the documented CPU sweep
+    machine = environment(torch.device("cpu")).split("- Command")[0]
+    return machine + f"- Command: `python -m benchmarks.quality --datasets {record['dataset']}`\n"
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -311,7 +358,8 @@ def report(model: Dinov2Model, args: argparse.Namespace) -> str:
     records = read_records(args.output_dir, setup_of(args))
     table = summarise(records)
     datasets = [d for d in args.datasets if any(key[0] == d for key in table)]
-    methods = [m for m in args.methods if any(key[1] == m for key in table)]
+    recorded = list(dict.fromkeys(key[1] for key in table))
+    methods = [m for m in args.methods if m in recorded] + [m for m in recorded if m not in args.methods]
     flops = added_mflops(model, methods, args)
     tokens = (args.size // model.config.patch_size) ** 2 + 1
     steps = args.epochs * math.ceil(args.n_train / args.batch_size)
@@ -333,11 +381,14 @@ def report(model: Dinov2Model, args: argparse.Namespace) -> str:
             " Deep prompt uses p=10: p=50 would put 4x more tokens through the adapted blocks than the images have, "
             "which this CPU budget could not afford."
         )
-    environments = sorted({r.get("environment") or environment(torch.device("cpu")) for r in records})
+    # machine and versions once each, then every distinct command (one process per dataset or seed)
+    lines = (recorded_environment(record) for record in records)
+    environments = list(dict.fromkeys(line for text in lines for line in text.rstrip().splitlines()))
+    environments.sort(key=lambda line: line.startswith("- Command"))
     out = [
         f"## Adaptation quality (benchmarks/quality.py, {args.section})",
         "",
-        *(line for text in environments for line in text.rstrip().splitlines()),
+        *environments,
         f"- Training and evaluation time summed over the {len(records)} runs: "
         f"{sum(r['seconds'] for r in records) / 60:.1f} min",
         "",
@@ -349,7 +400,8 @@ def report(model: Dinov2Model, args: argparse.Namespace) -> str:
         f"every method. Seeds {args.seeds} (split, head init, adapter init and batch order). Accuracy in %, mean ± "
         "std over seeds. Added MFLOPs: forward FLOPs per image added to the frozen model by the method "
         "(torch FlopCounterMode; LoRA unmerged, 0 once merged). `full` trains the adapted blocks and final norm. "
-        "`APT p=200` is `APTConfig()` as it stands (p=200, r=4, default init); `APT p=50` only changes p.",
+        "`APT p=200` is `APTConfig()` as it stands (p=200, r=4, default init); `APT p=50` only changes p."
+        + (ABLATION_LEGEND if any(m not in CPU_METHODS and m.startswith("APT") for m in methods) else ""),
         "",
         "### Best learning rate per method",
         "",
@@ -374,8 +426,8 @@ def report(model: Dinov2Model, args: argparse.Namespace) -> str:
             out.append(f"| {method} | " + " | ".join(format_accuracy(by_lr[lr]) if lr in by_lr else "" for lr in lrs) + " |")
     out += ["", "### The bar of the issue \"Robust APT defaults\"", ""]
     for dataset in datasets:
-        for apt in ("APT p=200", "APT p=50"):
-            if (dataset, apt) in table:
+        for apt in methods:
+            if apt.startswith("APT p=") and "reference" not in apt and (dataset, apt) in table:
                 out += [f"{dataset}:", targets_markdown(table, dataset, apt), ""]
     out += [
         "### Why APT's default initialisation changed",
@@ -455,8 +507,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="random tiny DINOv2 and a few images: a smoke test")
     parser.add_argument("--datasets", nargs="+", default=["digits", "textile"])
-    parser.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "deep prompt p=50"], choices=list(METHODS),
-                        help="default: all but deep prompt p=50, too slow on a CPU")
+    parser.add_argument("--methods", nargs="+", default=list(CPU_METHODS), choices=list(METHODS))
     parser.add_argument("--one-seed", nargs="*", default=["APT p=50 reference init"], choices=list(METHODS),
                         help="methods run on the first seed only, to save time")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

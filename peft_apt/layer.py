@@ -20,13 +20,6 @@ from .constants import OUTPUT_PROJECTION_NAMES
 # learning rates (and on small random models), 1e-2 collapsed at lr 3e-3 on one of three seeds.
 INITIAL_TERM_RATIO = 3e-3
 
-# The reference init's prompt scale, and the scale at which the default keeps the trainable `apt_prompt` (P / c). Adam's
-# steps have a fixed size, so this sets how fast the prompts turn: on the whole pretrained DINOv2-S at lr 3e-3 the
-# keys ran away from the reference scale (textile 53%, below head-only's 69%); twice it held on both datasets, 4x and
-# 16x were stable too but learnt digits slower (benchmarks/RESULTS.md).
-REFERENCE_PROMPT_STD = 0.02
-TRAINABLE_PROMPT_STD = 0.04
-
 MERGE_ERROR = (
     "APT adapters cannot be merged into the base weights: the approximated prompt term depends on each input, it is "
     "not a weight update. Use `unload()` to get the untouched base model back, or keep the adapter for inference."
@@ -83,7 +76,7 @@ def calibrated_prompt_scale(num_prompts: int, hidden_size: int, target: float = 
     """
     generator = torch.Generator().manual_seed(0)
     probes = torch.randn(256, hidden_size, generator=generator)
-    prompts = REFERENCE_PROMPT_STD * torch.randn(num_prompts, hidden_size, generator=generator)
+    prompts = 0.02 * torch.randn(num_prompts, hidden_size, generator=generator)
     no_rank = torch.zeros(hidden_size, 0)
     term = approximated_prompt_output(torch.zeros_like(probes), probes, prompts, no_rank, no_rank.T, torch.zeros(1))
     ratio = (term.norm(dim=-1) / probes.norm(dim=-1)).mean().item()
@@ -115,9 +108,8 @@ class APTLayer(nn.Module, BaseTunerLayer):
 
     With the default init the trainable `apt_prompt` holds P / c, at the reference init's scale, and P = c * apt_prompt
     with a fixed per-module multiplier c (`prompt_scale`): Adam's steps are then relative to the reference scale
-    whatever c is, so a small initial term does not turn a usual learning rate into a huge relative one. W1 starts
-    with variance 1/d instead of 1, so that steps on W2 move the keys no faster than steps on P. State dicts, and so
-    adapter files, hold the effective P (`prompts()`), as with any other init.
+    whatever c is, so a small initial term does not turn a usual learning rate into a huge relative one. State dicts,
+    and so adapter files, hold the effective P (`prompts()`), as with any other init.
     """
 
     adapter_layer_names = ("apt_prompt", "apt_W1", "apt_W2", "apt_s")
@@ -186,18 +178,13 @@ class APTLayer(nn.Module, BaseTunerLayer):
         # It depends on p and d only, so adapters created empty (on the meta device, for loading) get it too.
         scale = calibrated_prompt_scale(*prompts.shape) if init_weights is True else 1.0
         # A power-of-two multiplier makes P <-> apt_prompt exact in any float format (adapter files round-trip);
-        # apt_prompt absorbs the rest, so it stays within a factor sqrt(2) of TRAINABLE_PROMPT_STD.
-        multiplier = scale * REFERENCE_PROMPT_STD / TRAINABLE_PROMPT_STD if init_weights is True else 1.0
-        self.prompt_scale[adapter_name] = 2.0 ** round(math.log2(multiplier))
+        # apt_prompt absorbs the rest, so it stays within a factor sqrt(2) of the reference scale.
+        self.prompt_scale[adapter_name] = 2.0 ** round(math.log2(scale))
         if prompts.is_meta:
             return
         # The reference code's initialisation: K = P and exp(s) = 1 at the start.
-        nn.init.normal_(prompts, mean=0.0, std=REFERENCE_PROMPT_STD)
-        # The reference draws W1 ~ N(0, 1), so P @ W1 is sqrt(d) times larger than P and each Adam step on W2 moves
-        # the keys sqrt(d) times further than a step on P: with both training, the keys run away at usual learning
-        # rates. The default draws W1 like LoRA's A (variance 1/d), which puts P @ W1 on P's scale.
-        W1_std = 1.0 / math.sqrt(W1.shape[0]) if init_weights is True else 1.0
-        nn.init.normal_(W1, mean=0.0, std=W1_std)
+        nn.init.normal_(prompts, mean=0.0, std=0.02)
+        nn.init.normal_(W1, mean=0.0, std=1.0)
         if init_weights is False:
             # Every term non-trivial, P W1 W2 on the scale of P; for tests only.
             nn.init.normal_(W2, mean=0.0, std=1.0 / math.sqrt(W1.shape[0] * max(W1.shape[1], 1)))

@@ -47,7 +47,7 @@ def test_reference_init_does_not(num_prompts):
     assert relative_change("reference", num_prompts) > 0.3
 
 
-def test_reference_init_is_the_authors_and_default_only_rescales_prompts_and_W1():
+def test_reference_init_is_the_authors_and_default_only_scales_prompts():
     model, _ = pretrained_like_attention()
     layers = {}
     for init_weights in (True, "reference"):
@@ -60,15 +60,13 @@ def test_reference_init_is_the_authors_and_default_only_rescales_prompts_and_W1(
     assert P.std().item() == pytest.approx(0.02, rel=0.02)
     assert W1.std().item() == pytest.approx(1.0, rel=0.05)
     assert not W2.any() and not s.any()
-    # the same draws; the default's W1 has variance 1/d, and it trains apt_prompt at twice the reference scale while
-    # the formula and the file see P = c * apt_prompt
-    torch.testing.assert_close(default.apt_W1["default"].detach(), W1 / math.sqrt(W1.shape[0]))
-    for name, tensor in zip(default.adapter_layer_names[2:], (W2, s)):
+    # the default trains apt_prompt near the reference scale; the formula and the file see P = c * apt_prompt
+    for name, tensor in zip(default.adapter_layer_names[1:], (W1, W2, s)):
         torch.testing.assert_close(getattr(default, name)["default"].detach(), tensor)
     multiplier = default.prompt_scale["default"]
-    assert multiplier == 2.0 ** round(math.log2(multiplier)) and multiplier < 0.25
+    assert multiplier == 2.0 ** round(math.log2(multiplier)) and multiplier < 0.5
     trained = default.apt_prompt["default"].detach()
-    assert 2 * 2**-0.5 <= (trained / P).mean().item() <= 2 * 2**0.5
+    assert 2**-0.5 <= (trained / P).mean().item() <= 2**0.5
     torch.testing.assert_close(default.prompts("default"), multiplier * trained)
     torch.testing.assert_close(default.prompts("default") / P, torch.full_like(P, (default.prompts("default") / P).mean().item()))
 
