@@ -176,3 +176,25 @@ def test_textile_split_labels_come_from_folders():
     assert torch.bincount(splits.train_labels).tolist() == [20, 10, 10]
     assert torch.bincount(splits.test_labels).tolist() == [10, 5, 5]
     assert splits.train_images.shape == (40, 3, 28, 28) and splits.train_images.dtype == torch.float32
+
+
+def test_init_ablations_change_only_the_parametrisation():
+    from benchmarks.quality import METHODS
+    from peft_apt import APTLayer
+
+    def first_apt_layer(method):
+        model = tiny_dinov2()
+        torch.manual_seed(1)
+        METHODS[method].attach(model)
+        return next(m for m in model.modules() if isinstance(m, APTLayer))
+
+    default = first_apt_layer("APT p=200")
+    slow_prompts = first_apt_layer("APT p=200 P/c std .08")
+    small_W1 = first_apt_layer("APT p=200 W1 var 1/d")
+    # the same effective prompts, trained at another scale
+    torch.testing.assert_close(slow_prompts.prompts("default"), default.prompts("default"))
+    assert slow_prompts.apt_prompt["default"].std().item() == pytest.approx(0.08, rel=1e-4)
+    torch.testing.assert_close(slow_prompts.apt_W1["default"], default.apt_W1["default"])
+    # the same draws of W1, divided by sqrt(d)
+    torch.testing.assert_close(small_W1.apt_W1["default"] * math.sqrt(HIDDEN), default.apt_W1["default"])
+    torch.testing.assert_close(small_W1.prompts("default"), default.prompts("default"))
