@@ -16,7 +16,7 @@ from torch import nn
 from .constants import OUTPUT_PROJECTION_NAMES
 
 # Default size of the initial prompt term relative to a LayerNorm-sized input, ||a (A @ P)|| / ||X||. On pretrained
-# DINOv2-S the term then starts at 0.1% to 10% of O per block (benchmarks/RESULTS.md): 1e-3 learnt too slowly at small
+# DINOv2-S the term then starts at 2% to 12% of O per block (benchmarks/RESULTS.md): 1e-3 learnt too slowly at small
 # learning rates (and on small random models), 1e-2 collapsed at lr 3e-3 on one of three seeds.
 INITIAL_TERM_RATIO = 3e-3
 
