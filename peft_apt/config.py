@@ -51,7 +51,8 @@ class APTConfig(PeftConfig):
             from p and d alone (no data) so that the initial prompt term is 0.3% of a LayerNorm-sized input
             (`INITIAL_TERM_RATIO`). The adapted model starts close to the frozen one (the reference init moves
             pretrained DINOv2's attention outputs by 20% to 440%), and optimiser steps stay relative to the
-            reference scale, so usual learning rates stay safe. Saved files hold the effective P. `"reference"`
+            reference scale. Learning rates up to 1e-3 are safe; on a whole pretrained ViT 3e-3 is not (README,
+            "Choosing hyper-parameters"). Saved files hold the effective P. `"reference"`
             reproduces the authors' code exactly: `P ~ N(0, 0.02^2)`, `W1 ~ N(0, 1)`, `W2 = 0`, `s = 0`; use it to
             compare with the paper. `False` draws every tensor at random, including `W2` and `s`, which only makes
             sense to test that every term of the formula matters.
