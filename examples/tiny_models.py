@@ -41,12 +41,12 @@ def tiny_llama(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCau
     return LlamaForCausalLM(config)
 
 
-def tiny_stable_diffusion(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> dict:
-    """UNet, VAE, text encoder and scheduler of a Stable Diffusion pipeline: 32x32 images, 16x16 latents."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+def tiny_unet(seed: int = 0):
+    """A seeded tiny `UNet2DConditionModel`: 16x16 latents, one cross-attention block down and one up, text width 32."""
+    from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         sample_size=16,
         block_out_channels=(32, 64),
         layers_per_block=1,
@@ -56,6 +56,13 @@ def tiny_stable_diffusion(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> 
         attention_head_dim=8,
         norm_num_groups=32,
     )
+
+
+def tiny_stable_diffusion(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> dict:
+    """UNet, VAE, text encoder and scheduler of a Stable Diffusion pipeline: 32x32 images, 16x16 latents."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+
+    unet = tiny_unet(seed)
     vae = AutoencoderKL(
         block_out_channels=(32, 64),
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),

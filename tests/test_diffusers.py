@@ -11,12 +11,12 @@ pytest.importorskip("diffusers")
 
 import test_families as shared  # noqa: E402  (a module, so that pytest does not collect its tests twice)
 import torch  # noqa: E402
-from diffusers import UNet2DConditionModel  # noqa: E402
 from diffusers.models.attention_processor import (  # noqa: E402
     AttnProcessor,
     AttnProcessor2_0,
     FusedAttnProcessor2_0,
 )
+from examples.tiny_models import tiny_unet  # noqa: E402
 from families import Family  # noqa: E402
 from peft import PeftModel, get_peft_model  # noqa: E402
 from reference import adapter_tensors, randomise_adapter, reference_hooks, run  # noqa: E402
@@ -25,17 +25,7 @@ from peft_apt import APTConfig, APTLayer  # noqa: E402
 
 
 def build_unet():
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=16,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    ).eval()
+    return tiny_unet(seed=0).eval()
 
 
 def unet_inputs():
