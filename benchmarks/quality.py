@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import statistics
@@ -296,12 +297,17 @@ def run_sweep(model: Dinov2Model, args: argparse.Namespace) -> None:
                 print(f"{dataset} seed {seed} {method} lr {lr:g}: {record['accuracy']:.3f} ({record['seconds']:.0f}s)")
 
 
+@functools.cache
+def this_machine() -> str:
+    """The machine and versions lines of `environment`, without the command line."""
+    return environment(torch.device("cpu")).split("- Command")[0]
+
+
 def recorded_environment(record: dict) -> str:
     if "environment" in record:
         return record["environment"]
     # records from before runs kept their environment were made on this machine by the documented CPU sweep
-    machine = environment(torch.device("cpu")).split("- Command")[0]
-    return machine + f"- Command: `python -m benchmarks.quality --datasets {record['dataset']}`\n"
+    return this_machine() + f"- Command: `python -m benchmarks.quality --datasets {record['dataset']}`\n"
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
