@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from functools import partial
+import threading
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
@@ -51,7 +52,8 @@ def approximated_prompt_output(
 
     The two matmuls over the tokens are nearly all of the cost, so the rest is arranged to add as few passes over
     memory as possible: `a` scales the n x p scores rather than the n x d product (p < d in practice), and the sum
-    with O is fused into the second matmul.
+    with O is fused into the second matmul. Under autocast the matmuls run in the autocast dtype (with its GEMMs'
+    fp32 accumulation) and the result keeps that dtype.
     """
     d, num_prompts = prompts.shape[-1], prompts.shape[0]
     keys = torch.addmm(prompts, prompts @ W1, W2)
@@ -59,7 +61,7 @@ def approximated_prompt_output(
     scores = F.dropout(scores, p=dropout, training=training)
     weight = scores.detach().amax(dim=-1, keepdim=True)
     summed = torch.addmm(output.reshape(-1, d), (scores * weight).reshape(-1, num_prompts), prompts)
-    return log_scale.exp() * summed.view(output.shape)
+    return log_scale.exp().to(summed.dtype) * summed.view(output.shape)
 
 
 @functools.lru_cache
@@ -97,14 +99,50 @@ def find_output_projection(attention: nn.Module) -> Optional[str]:
     return None
 
 
+@dataclass
+class _RunningCall:
+    """One APT layer's forward in progress: its X, and whether its output projection has run yet."""
+
+    layer: "APTLayer"
+    query_states: torch.Tensor
+    term_added: bool = False
+
+
+class _ThreadState(threading.local):
+    """
+    Per-thread state of APT forwards. Threads that share one model (a server answering requests in parallel) each
+    see only their own calls, so no call ever reads another call's X or adapter names.
+    """
+
+    def __init__(self) -> None:
+        self.running: list[_RunningCall] = []
+        self.adapter_names: Optional[list[str]] = None
+
+
+_THREAD_STATE = _ThreadState()
+
+
+def current_adapter_names() -> Optional[list[str]]:
+    """The per-sample adapter names of the mixed-adapter batch running in this thread, or None."""
+    return _THREAD_STATE.adapter_names
+
+
+def set_adapter_names(adapter_names: Optional[list[str]]) -> Optional[list[str]]:
+    """Set this thread's per-sample adapter names (see `APTModel._enable_peft_forward_hooks`); returns the old ones."""
+    previous, _THREAD_STATE.adapter_names = _THREAD_STATE.adapter_names, adapter_names
+    return previous
+
+
 class APTLayer(nn.Module, BaseTunerLayer):
     """
     Wraps an attention module and adds APT's approximated prompt term to its output projection's result.
 
     The term needs X, the attention's query-side input, and must land right after the output projection (before
     dropout, residual and, in post-LN blocks, the LayerNorm that live inside some attention modules). So the layer
-    reads X from its own call and adds the term through a forward hook on the projection that lives only for that
-    call. The base module is never modified.
+    reads X from its own call and a forward hook, registered once on the projection, adds the term. X travels from
+    the layer to the hook through per-thread state, so concurrent calls from several threads never mix. Outside an
+    APT forward (adapters disabled, or the projection called on its own) the hook does nothing. The base module's
+    weights and code are never modified; `unload()` removes the hook.
 
     With the default init the trainable `apt_prompt` holds P / c, at the reference init's scale, and P = c * apt_prompt
     with a fixed per-module multiplier c (`prompt_scale`): Adam's steps are then relative to the reference scale
@@ -142,20 +180,29 @@ class APTLayer(nn.Module, BaseTunerLayer):
         # The first parameter of the attention's forward carries X (`hidden_states`, or `query` for
         # nn.MultiheadAttention); models pass it positionally or by keyword.
         self.query_argument = next(iter(inspect.signature(base_layer.forward).parameters))
+        self._projection_hook = self._projection().register_forward_hook(self._add_prompt_term)
         self.register_state_dict_post_hook(_save_effective_prompts)
         self.register_load_state_dict_pre_hook(_load_effective_prompts)
         self.update_layer(adapter_name, num_prompts, r, apt_dropout, init_weights)
 
+    def _projection(self) -> nn.Module:
+        """The module whose output is O: the output projection, or nn.MultiheadAttention itself."""
+        return self.get_base_layer().get_submodule(self.output_projection)
+
     @property
     def hidden_size(self) -> int:
-        """d, taken from the module itself: composite configs (CLIP, BridgeTower) have no single hidden size."""
-        return self._projection_weight().shape[0]
+        """
+        d, taken from the module itself: composite configs (CLIP, BridgeTower) have no single hidden size. Read from
+        the layer's declared sizes, not its weight, whose shape is packed in quantized layers (bitsandbytes 4-bit).
+        """
+        projection = self._projection()
+        if isinstance(projection, nn.MultiheadAttention):
+            return projection.embed_dim
+        return getattr(projection, "out_features", None) or projection.weight.shape[0]
 
     def _projection_weight(self) -> torch.Tensor:
-        base_layer = self.get_base_layer()
-        if isinstance(base_layer, nn.MultiheadAttention):
-            return base_layer.out_proj.weight
-        return base_layer.get_submodule(self.output_projection).weight
+        projection = self._projection()
+        return projection.out_proj.weight if isinstance(projection, nn.MultiheadAttention) else projection.weight
 
     def update_layer(
         self, adapter_name: str, num_prompts: int, r: int, apt_dropout: float, init_weights: Union[bool, str]
@@ -213,6 +260,10 @@ class APTLayer(nn.Module, BaseTunerLayer):
     def unmerge(self) -> None:
         raise ValueError(MERGE_ERROR)
 
+    def remove_projection_hook(self) -> None:
+        """Detach from the base module (on unload), which then computes exactly what it did before APT."""
+        self._projection_hook.remove()
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.disable_adapters or not any(name in self.apt_prompt for name in self.active_adapters):
             return self.base_layer(*args, **kwargs)
@@ -230,14 +281,14 @@ class APTLayer(nn.Module, BaseTunerLayer):
                 f"APT on {type(self.base_layer).__name__}: the query-side input has last dimension "
                 f"{query_states.shape[-1]} but the output projection has {self.hidden_size} features."
             )
-        projection = self.base_layer.get_submodule(self.output_projection)
-        calls: list[bool] = []
-        handle = projection.register_forward_hook(partial(self._add_prompt_term, query_states, calls))
+        call = _RunningCall(self, query_states)
+        running = _THREAD_STATE.running
+        running.append(call)
         try:
             output = self.base_layer(*args, **kwargs)
         finally:
-            handle.remove()
-        if not calls:
+            running.remove(call)
+        if not call.term_added:
             raise RuntimeError(
                 f"APT on {type(self.base_layer).__name__}: its output projection '{self.output_projection}' was not "
                 "called as a module during the forward (applied functionally, e.g. by a custom attention "
@@ -245,29 +296,71 @@ class APTLayer(nn.Module, BaseTunerLayer):
             )
         return output
 
-    def _add_prompt_term(
-        self, query_states: torch.Tensor, calls: list[bool], module: nn.Module, inputs: Any, output: Any
-    ) -> Any:
-        """Forward hook on the output projection: O -> exp(s) * (O + a * (A @ P)) for each active adapter."""
-        calls.append(True)
+    def _add_prompt_term(self, module: nn.Module, inputs: Any, output: Any) -> Any:
+        """Forward hook on the output projection: O -> exp(s) * (O + a * (A @ P)) during this layer's own call."""
+        running = _THREAD_STATE.running
+        if not running or running[-1].layer is not self:
+            return None
+        call = running[-1]
+        call.term_added = True
         attention_output = output[0] if isinstance(output, tuple) else output
-        result = attention_output
-        for active_adapter in self.active_adapters:
-            if active_adapter not in self.apt_prompt:
+        adapter_names = current_adapter_names()
+        if adapter_names is None:
+            result = self._apply_adapters(self.active_adapters, attention_output, call.query_states)
+        else:
+            result = self._mixed_batch_prompt_term(adapter_names, attention_output, call.query_states)
+        return (result, *output[1:]) if isinstance(output, tuple) else result
+
+    def _apply_adapters(self, adapter_names: list[str], output: torch.Tensor, query_states: torch.Tensor):
+        """O' for these adapters in order, each applied to the previous one's output."""
+        result = output
+        for adapter_name in adapter_names:
+            if adapter_name not in self.apt_prompt:
                 continue
-            prompts = self.prompts(active_adapter)
+            prompts = self.prompts(adapter_name)
+            if not torch.is_autocast_enabled(result.device.type):
+                # The term in the adapter's dtype (fp32 masters on a half-precision base), as LoRA does. Under
+                # autocast its matmuls already run in the autocast dtype: casting to fp32 first would be wasted.
+                result, query_states = result.to(prompts.dtype), query_states.to(prompts.dtype)
             result = approximated_prompt_output(
-                self._cast_input_dtype(result, prompts.dtype),
-                self._cast_input_dtype(query_states, prompts.dtype),
+                result,
+                query_states,
                 prompts,
-                self.apt_W1[active_adapter],
-                self.apt_W2[active_adapter],
-                self.apt_s[active_adapter],
-                dropout=self.apt_dropout[active_adapter],
+                self.apt_W1[adapter_name],
+                self.apt_W2[adapter_name],
+                self.apt_s[adapter_name],
+                dropout=self.apt_dropout[adapter_name],
                 training=self.training,
             )
-        result = result.to(attention_output.dtype)
-        return (result, *output[1:]) if isinstance(output, tuple) else result
+        return result.to(output.dtype)
+
+    def _batch_dim(self, query_states: torch.Tensor) -> int:
+        """Sequence-first nn.MultiheadAttention (the default) carries the batch in dim 1; everything else in dim 0."""
+        base_layer = self.get_base_layer()
+        sequence_first = isinstance(base_layer, nn.MultiheadAttention) and not base_layer.batch_first
+        return 1 if sequence_first and query_states.ndim == 3 else 0
+
+    def _mixed_batch_prompt_term(self, adapter_names: list[str], output: torch.Tensor, query_states: torch.Tensor):
+        """Each sample gets its own adapter (or none for "__base__"); adapters this layer lacks leave it as it is."""
+        batch_dim = self._batch_dim(query_states)
+        if query_states.ndim < 3 or query_states.shape[batch_dim] != len(adapter_names):
+            raise ValueError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} names for an input of shape {tuple(query_states.shape)} (batch dimension "
+                f"{batch_dim}) at {type(self.get_base_layer()).__name__}."
+            )
+        result = output
+        for adapter_name in dict.fromkeys(adapter_names):
+            if adapter_name not in self.apt_prompt:
+                continue
+            rows = torch.tensor(
+                [i for i, name in enumerate(adapter_names) if name == adapter_name], device=output.device
+            )
+            sub_result = self._apply_adapters(
+                [adapter_name], output.index_select(batch_dim, rows), query_states.index_select(batch_dim, rows)
+            )
+            result = result.index_copy(batch_dim, rows, sub_result)
+        return result
 
     def __repr__(self) -> str:
         return "apt." + super().__repr__()
