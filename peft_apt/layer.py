@@ -260,6 +260,17 @@ class APTLayer(nn.Module, BaseTunerLayer):
     def unmerge(self) -> None:
         raise ValueError(MERGE_ERROR)
 
+    def set_scale(self, adapter_name: str, scale: float) -> None:
+        """
+        diffusers' `set_adapters(names, weights)` weights LoRA deltas. APT's term is not a weighted delta (exp(s) scales
+        the whole output), so only the neutral weight 1.0, what `set_adapters(names)` passes, is accepted.
+        """
+        if scale != 1.0:
+            raise ValueError(
+                f"APT adapter '{adapter_name}' cannot be weighted ({scale!r} given): APT has no adapter weight. Call "
+                "`set_adapters(names)` without `weights`, or with weights of 1.0."
+            )
+
     def remove_projection_hook(self) -> None:
         """Detach from the base module (on unload), which then computes exactly what it did before APT."""
         self._projection_hook.remove()
