@@ -21,6 +21,11 @@ from .constants import OUTPUT_PROJECTION_NAMES
 # learning rates (and on small random models), 1e-2 collapsed at lr 3e-3 on one of three seeds.
 INITIAL_TERM_RATIO = 3e-3
 
+# The default trains apt_prompt at this many times the reference init's std (0.02), with P = prompt_scale * apt_prompt
+# unchanged: each Adam step then moves the prompts 4x less relative to their size. With W2's multiplier
+# (`key_map_scale`) it kept whole pretrained DINOv2-S from collapsing at lr 3e-3 (issue "Stable APT recipe").
+TRAINED_PROMPT_STD_RATIO = 4
+
 MERGE_ERROR = (
     "APT adapters cannot be merged into the base weights: the approximated prompt term depends on each input, it is "
     "not a weight update. Use `unload()` to get the untouched base model back, or keep the adapter for inference."
@@ -85,6 +90,18 @@ def calibrated_prompt_scale(num_prompts: int, hidden_size: int, target: float = 
     return min(1.0, (target / ratio) ** (1 / 3))
 
 
+def key_map_scale(hidden_size: int) -> float:
+    """
+    The default multiplier k of W2 = k * apt_W2: 1/sqrt(d), rounded to a power of two.
+
+    W1 ~ N(0, 1) (the reference init) makes P @ W1 sqrt(d) times larger than P, so a plain Adam step on W2 turns the
+    keys K = P + P W1 W2 about sqrt(d) times faster than a step on P moves them; the term, quadratic in X K^T, then
+    runs away at learning rates LoRA takes. k undoes that amplification without changing W1's init (with Adam, a
+    multiplier on a parameter is a learning rate on it). A power of two keeps W2 <-> apt_W2 exact in the file.
+    """
+    return 2.0 ** round(math.log2(hidden_size**-0.5))
+
+
 def find_output_projection(attention: nn.Module) -> Optional[str]:
     """Path, relative to `attention`, of the module whose output is O ("" for the module itself), or None."""
     if isinstance(attention, nn.MultiheadAttention):
@@ -144,14 +161,17 @@ class APTLayer(nn.Module, BaseTunerLayer):
     APT forward (adapters disabled, or the projection called on its own) the hook does nothing. The base module's
     weights and code are never modified; `unload()` removes the hook.
 
-    With the default init the trainable `apt_prompt` holds P / c, at the reference init's scale, and P = c * apt_prompt
-    with a fixed per-module multiplier c (`prompt_scale`): Adam's steps are then relative to the reference scale
-    whatever c is, so a small initial term does not turn a usual learning rate into a huge relative one. State dicts,
-    and so adapter files, hold the effective P (`prompts()`), as with any other init.
+    With the default init two tensors are trained through fixed multipliers, so that Adam's steps have the size that
+    keeps training stable whatever the prompts' scale: P = c * apt_prompt (`prompt_scale`; apt_prompt at
+    `TRAINED_PROMPT_STD_RATIO` times the reference std, so a small initial term does not turn a usual learning rate into
+    a huge relative one) and W2 = k * apt_W2 (`W2_scale`, see `key_map_scale`). State dicts, and so adapter files, hold
+    the effective P and W2 (`prompts()`, `W2()`), as with any other init.
     """
 
     adapter_layer_names = ("apt_prompt", "apt_W1", "apt_W2", "apt_s")
-    other_param_names = ("num_prompts", "r", "apt_dropout", "prompt_scale")
+    other_param_names = ("num_prompts", "r", "apt_dropout", "prompt_scale", "W2_scale")
+    # trainable tensor -> the attribute holding its fixed multiplier per adapter (the file holds the product)
+    scaled_tensors = {"apt_prompt": "prompt_scale", "apt_W2": "W2_scale"}
 
     def __init__(
         self,
@@ -174,6 +194,7 @@ class APTLayer(nn.Module, BaseTunerLayer):
         self.r: dict[str, int] = {}
         self.apt_dropout: dict[str, float] = {}
         self.prompt_scale: dict[str, float] = {}
+        self.W2_scale: dict[str, float] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._active_adapter = adapter_name
@@ -181,8 +202,8 @@ class APTLayer(nn.Module, BaseTunerLayer):
         # nn.MultiheadAttention); models pass it positionally or by keyword.
         self.query_argument = next(iter(inspect.signature(base_layer.forward).parameters))
         self._projection_hook = self._projection().register_forward_hook(self._add_prompt_term)
-        self.register_state_dict_post_hook(_save_effective_prompts)
-        self.register_load_state_dict_pre_hook(_load_effective_prompts)
+        self.register_state_dict_post_hook(_save_effective_tensors)
+        self.register_load_state_dict_pre_hook(_load_effective_tensors)
         self.update_layer(adapter_name, num_prompts, r, apt_dropout, init_weights)
 
     def _projection(self) -> nn.Module:
@@ -222,11 +243,13 @@ class APTLayer(nn.Module, BaseTunerLayer):
     @torch.no_grad()
     def reset_apt_parameters(self, adapter_name: str, init_weights: Union[bool, str]) -> None:
         prompts, W1, W2, log_scale = (getattr(self, name)[adapter_name] for name in self.adapter_layer_names)
-        # It depends on p and d only, so adapters created empty (on the meta device, for loading) get it too.
-        scale = calibrated_prompt_scale(*prompts.shape) if init_weights is True else 1.0
-        # A power-of-two multiplier makes P <-> apt_prompt exact in any float format (adapter files round-trip);
-        # apt_prompt absorbs the rest, so it stays within a factor sqrt(2) of the reference scale.
-        self.prompt_scale[adapter_name] = 2.0 ** round(math.log2(scale))
+        # The multipliers depend on p and d only, so adapters created empty (on the meta device, for loading) get them
+        # too. Powers of two make P <-> apt_prompt and W2 <-> apt_W2 exact in any float format (files round-trip);
+        # apt_prompt absorbs the rest of the calibrated scale, within a factor sqrt(2) of its target std.
+        default = init_weights is True
+        scale = calibrated_prompt_scale(*prompts.shape) if default else 1.0
+        self.prompt_scale[adapter_name] = 2.0 ** round(math.log2(scale)) / (TRAINED_PROMPT_STD_RATIO if default else 1)
+        self.W2_scale[adapter_name] = key_map_scale(prompts.shape[1]) if default else 1.0
         if prompts.is_meta:
             return
         # The reference code's initialisation: K = P and exp(s) = 1 at the start.
@@ -244,6 +267,10 @@ class APTLayer(nn.Module, BaseTunerLayer):
     def prompts(self, adapter_name: str) -> torch.Tensor:
         """The effective prompts P of the formula (and of the adapter file): `prompt_scale` times `apt_prompt`."""
         return self.prompt_scale[adapter_name] * self.apt_prompt[adapter_name]
+
+    def W2(self, adapter_name: str) -> torch.Tensor:
+        """The effective W2 of the formula (and of the adapter file): `W2_scale` times `apt_W2`."""
+        return self.W2_scale[adapter_name] * self.apt_W2[adapter_name]
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         """Follow the output projection's device and floating dtype (PEFT's autocast then keeps adapters in fp32)."""
@@ -338,7 +365,7 @@ class APTLayer(nn.Module, BaseTunerLayer):
                 query_states,
                 prompts,
                 self.apt_W1[adapter_name],
-                self.apt_W2[adapter_name],
+                self.W2(adapter_name),
                 self.apt_s[adapter_name],
                 dropout=self.apt_dropout[adapter_name],
                 training=self.training,
@@ -377,17 +404,19 @@ class APTLayer(nn.Module, BaseTunerLayer):
         return "apt." + super().__repr__()
 
 
-def _save_effective_prompts(layer: APTLayer, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    """State dict post-hook: store P = prompt_scale * apt_prompt under the `apt_prompt` key."""
-    for adapter_name, scale in layer.prompt_scale.items():
-        key = f"{prefix}apt_prompt.{adapter_name}"
-        if key in state_dict and scale != 1.0:
-            state_dict[key] = state_dict[key] * scale
+def _save_effective_tensors(layer: APTLayer, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State dict post-hook: store the effective P and W2 (multiplier times trained tensor) under their usual keys."""
+    for tensor_name, scales in layer.scaled_tensors.items():
+        for adapter_name, scale in getattr(layer, scales).items():
+            key = f"{prefix}{tensor_name}.{adapter_name}"
+            if key in state_dict and scale != 1.0:
+                state_dict[key] = state_dict[key] * scale
 
 
-def _load_effective_prompts(layer: APTLayer, state_dict: dict, prefix: str, *args) -> None:
-    """Load pre-hook, the inverse of `_save_effective_prompts`: the file's P becomes apt_prompt = P / prompt_scale."""
-    for adapter_name, scale in layer.prompt_scale.items():
-        key = f"{prefix}apt_prompt.{adapter_name}"
-        if key in state_dict and scale != 1.0:
-            state_dict[key] = state_dict[key] / scale
+def _load_effective_tensors(layer: APTLayer, state_dict: dict, prefix: str, *args) -> None:
+    """Load pre-hook, the inverse of `_save_effective_tensors`: the file's P and W2 are divided by their multipliers."""
+    for tensor_name, scales in layer.scaled_tensors.items():
+        for adapter_name, scale in getattr(layer, scales).items():
+            key = f"{prefix}{tensor_name}.{adapter_name}"
+            if key in state_dict and scale != 1.0:
+                state_dict[key] = state_dict[key] / scale
