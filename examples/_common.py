@@ -20,13 +20,15 @@ def accelerator_available() -> bool:
     return torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
 
 
-# Trainer defaults that fit APT: the reference learning rate, frequent loss logs, and the batch keys our collators
+# Trainer defaults that fit APT: the reference learning rate with a linear warm-up over the first 10% of the steps
+# (APT's recipe, benchmarks/RESULTS.md "Stable APT recipe"), frequent loss logs, and the batch keys our collators
 # build (Trainer would otherwise drop them). `ddp_find_unused_parameters=False`: every trainable parameter takes part
 # in each forward, and DDP then raises instead of silently paying for a graph traversal if one ever does not.
 # `use_cpu` without an accelerator: processes started by torchrun (examples/accelerate/cpu_2proc.yaml) are not told to
 # use the CPU, and would otherwise each train alone instead of joining a gloo group.
 TRAINING_DEFAULTS = dict(
     learning_rate=5e-4,
+    warmup_steps=0.1,
     logging_steps=10,
     remove_unused_columns=False,
     label_names=["labels"],
