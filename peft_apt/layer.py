@@ -359,7 +359,8 @@ class APTLayer(nn.Module, BaseTunerLayer):
             if not torch.is_autocast_enabled(result.device.type):
                 # The term in the adapter's dtype (fp32 masters on a half-precision base), as LoRA does. Under
                 # autocast its matmuls already run in the autocast dtype: casting to fp32 first would be wasted.
-                result, query_states = result.to(prompts.dtype), query_states.to(prompts.dtype)
+                result = self._cast_input_dtype(result, prompts.dtype)
+                query_states = self._cast_input_dtype(query_states, prompts.dtype)
             result = approximated_prompt_output(
                 result,
                 query_states,
