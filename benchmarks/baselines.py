@@ -75,7 +75,10 @@ class DeepPrompts(nn.Module):
         super().__init__()
         self.num_prompts = num_prompts
         self.insert_at = insert_at
-        self.prompts = nn.Parameter(torch.empty(len(layers), num_prompts, hidden_size))
+        # On the layers' device and in their dtype: a model moved before its prompts were added must not join
+        # CPU prompts to CUDA hidden states (nor pay a copy per call).
+        where = next((dict(device=p.device, dtype=p.dtype) for layer in layers for p in layer.parameters()), {})
+        self.prompts = nn.Parameter(torch.empty(len(layers), num_prompts, hidden_size, **where))
         nn.init.uniform_(self.prompts, -init_bound, init_bound)
         self.dropout = dropout
         self._handles = []

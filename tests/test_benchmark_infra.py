@@ -5,9 +5,11 @@ import math
 import pytest
 import torch
 from peft import get_peft_model
-from transformers import Dinov2Config, Dinov2Model
+from transformers import Dinov2Config, Dinov2Model, ViltConfig
+from transformers.models.vilt.modeling_vilt import ViltLayer
 
 from benchmarks.baselines import (
+    DeepPrompts,
     add_deep_prompts,
     count_trainable_parameters,
     lora_config_for,
@@ -129,6 +131,23 @@ def test_vpt_deep_keeps_attention_mask_aligned(attn_implementation):
     assert (out_changed[:, -1] - out[:, -1]).abs().max() > 1e-2
     assert (out_unmasked[:, :-1] - out[:, :-1]).abs().max() > 1e-3
     torch.testing.assert_close(out_all_ones, out_unmasked, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("where", [{"device": "meta"}, {"dtype": torch.float64}], ids=["meta", "float64"])
+def test_vpt_deep_prompts_follow_their_layers_device_and_dtype(where):
+    """Prompts added to a model already moved (to CUDA, say) are created where its layers are. On `meta`, any tensor
+    left on the CPU fails the forward, as CPU prompts joined to CUDA hidden states did in `gpu_check.sh`."""
+    layers = torch.nn.ModuleList(ViltLayer(ViltConfig(hidden_size=HIDDEN, num_attention_heads=2, intermediate_size=37))
+                                 for _ in range(LAYERS)).to(**where)
+    deep_prompts = DeepPrompts(layers, NUM_PROMPTS, HIDDEN, init_bound=0.02)
+    expected = (torch.device(where.get("device", "cpu")), where.get("dtype", torch.float32))
+    assert (deep_prompts.prompts.device, deep_prompts.prompts.dtype) == expected
+    hidden = torch.randn(2, 17, HIDDEN, **where)
+    additive_mask = torch.zeros(2, 1, 17, 17, **where)
+    for layer in layers:
+        hidden = layer(hidden, additive_mask)[0]
+    assert hidden.shape == (2, 17, HIDDEN)
+    assert (hidden.device, hidden.dtype) == expected
 
 
 def test_lora_config_targets_query_and_value():
