@@ -28,6 +28,7 @@ import os
 import statistics
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import transformers as T
@@ -47,6 +48,7 @@ from .efficiency import (
     median_ratio,
     peak_memory,
     synchronize,
+    target,
     targets_markdown,
     timed,
     training_step,
@@ -60,16 +62,16 @@ PROFILED_METHODS = ("APT", "LoRA")
 
 
 def gpu_targets(large: int, small: int) -> list[tuple[str, str, float, str]]:
-    """Issue #11, item 2, for p=`large` (200) and p=`small` (50): (what, summary key, bound, kind)."""
+    """Issue #11, item 2, for p=`large` (200) and p=`small` (50)."""
     return [
-        (f"inference APT / frozen (p={large})", f"infer_apt_base_{large}", 1.06, "max"),
-        (f"inference APT / frozen (p={small})", f"infer_apt_base_{small}", 1.03, "max"),
-        (f"training step APT / LoRA (p={large})", f"step_apt_lora_{large}", 1.07, "max"),
-        (f"training step APT / LoRA (p={small})", f"step_apt_lora_{small}", 1.03, "max"),
-        (f"training step deep prompt / APT (p={large})", f"step_deep_apt_{large}", 2.0, "min"),
-        (f"training step deep prompt / APT (p={small})", f"step_deep_apt_{small}", 1.2, "min"),
-        (f"peak step memory APT / LoRA (p={large})", f"peak_apt_lora_{large}", 1.05, "max"),
-        (f"peak step memory APT / LoRA (p={small})", f"peak_apt_lora_{small}", 1.05, "max"),
+        target("infer_apt_base", large, 1.06, "max"),
+        target("infer_apt_base", small, 1.03, "max"),
+        target("step_apt_lora", large, 1.07, "max"),
+        target("step_apt_lora", small, 1.03, "max"),
+        target("step_deep_apt", large, 2.0, "min"),
+        target("step_deep_apt", small, 1.2, "min"),
+        target("peak_apt_lora", large, 1.05, "max"),
+        target("peak_apt_lora", small, 1.05, "max"),
     ]
 
 
@@ -125,8 +127,8 @@ def profile_step(variant: Variant, device: torch.device, steps: int, rows: int =
     return dict(
         method=variant.name, steps=steps, unit="kernel" if cuda else "operator",
         total_ms=total / 1e3 / steps, launches=sum(e.count for e in events) / steps,
-        top=[dict(name=e.key, calls=e.count / steps, ms=self_time(e) / 1e3 / steps, share=self_time(e) / total)
-             for e in top],
+        top=[dict(name=e.key, calls=e.count / steps, ms=self_time(e) / 1e3 / steps,
+                  share=self_time(e) / total if total else 0.0) for e in top],
         table=averages.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=rows),
     )
 
@@ -146,12 +148,15 @@ def compiled_run(backbone: Backbone, args: argparse.Namespace, device: torch.dev
     eager, compiled, compile_seconds, graph_breaks, skipped = [], [], {}, {}, []
     for method in COMPILED_METHODS:
         variant = method_variant(backbone, method, args.prompts[0])
-        if past_deadline(args, started):
+        # the next model's compile should take at most twice the longest so far (frozen compiles one graph only)
+        longest = max((sum(seconds.values()) for seconds in compile_seconds.values()), default=0.0)
+        if not fits(args, started, 2 * longest):
             skipped.append(variant.name)
             continue
         module = variant.model.get_base_model() if hasattr(variant.model, "get_base_model") else variant.model
         function = torch.compile(module, backend=args.compile_backend)
-        twin = dataclasses.replace(variant, name=f"{variant.name} compiled", forward=lambda function=function: function())
+        twin = dataclasses.replace(variant, name=f"{variant.name} compiled",
+                                   forward=lambda function=function: function())
         breaks = sum(counters["graph_break"].values())
         compile_seconds[twin.name] = {"infer": timed(lambda: inference(twin), device)["wall"]}
         if twin.steps:
@@ -159,7 +164,7 @@ def compiled_run(backbone: Backbone, args: argparse.Namespace, device: torch.dev
         graph_breaks[twin.name] = sum(counters["graph_break"].values()) - breaks
         eager.append(variant)
         compiled.append(twin)
-    times = interleaved_times(eager + compiled, args.compile_repetitions, device, args.warmup)
+    times = interleaved_times(eager + compiled, args.compile_repetitions, device, args.warmup) if compiled else {}
     rows = {}
     for variant, twin in zip(eager, compiled):
         for each in (variant, twin):
@@ -179,8 +184,9 @@ def compiled_run(backbone: Backbone, args: argparse.Namespace, device: torch.dev
                 repetitions=args.compile_repetitions, backend=args.compile_backend)
 
 
-def past_deadline(args: argparse.Namespace, started: float) -> bool:
-    return args.deadline is not None and time.perf_counter() - started > args.deadline
+def fits(args: argparse.Namespace, started: float, estimate: float) -> bool:
+    """Whether a phase expected to take `estimate` seconds ends before the deadline."""
+    return args.deadline is None or time.perf_counter() - started + estimate <= args.deadline
 
 
 def print_targets(record: dict) -> None:
@@ -226,7 +232,8 @@ def compiled_markdown(compiled: dict) -> str:
                 "" if cell["vs_eager"] is None else f"{cell['vs_eager']:.3f}"]
         line.append("" if row["peak"] is None else f"{row['peak'] / 2**30:.2f} GiB")
         table.append(line)
-    skipped = f" Skipped (past the deadline): {', '.join(compiled['skipped'])}." if compiled["skipped"] else ""
+    skipped = f" Skipped (would end past the deadline): {', '.join(compiled['skipped'])}." if compiled[
+        "skipped"] else ""
     return (f"`torch.compile(backend={compiled['backend']!r})` of the whole stack; {compiled['repetitions']} "
             f"interleaved repetitions with the same methods eager; compile time (first inference, first step) "
             f"excluded from the times.{skipped}\n\n" + markdown_table(header, table))
@@ -245,7 +252,8 @@ def report_markdown(record: dict) -> str:
     device = torch.device(record["device_type"])
     first = record["batch_sizes"][0]
     parts = [
-        f"## Efficiency on {record['device_name']}: ViLT-B/32's encoder layers alone (`benchmarks/efficiency_layers.py`)",
+        f"## Efficiency on {record['device_name']}: ViLT-B/32's encoder layers alone "
+        "(`benchmarks/efficiency_layers.py`)",
         record["environment"] + f"- Setup: issue #11's. {record['description']}. Methods: frozen, LoRA r=4 on "
         "query/value, APT (APTConfig defaults, p as named), deep prompt (VPT-deep, p tokens joined to every layer's "
         "input). Inference: no_grad; training step: forward, backward, AdamW step on the trainable parameters. "
@@ -264,7 +272,7 @@ def report_markdown(record: dict) -> str:
         if result is not None:
             parts.append(backbone_markdown(f"Batch {batch}", result["description"], result, device))
     if record["skipped"]:
-        parts.append(f"Skipped (past the deadline): {', '.join(record['skipped'])}.")
+        parts.append(f"Skipped (would end past the deadline): {', '.join(record['skipped'])}.")
     if record.get("profiles"):
         parts.append(f"### Where a training step's time goes (batch {first}, torch.profiler)")
         parts += [profile_markdown(profile) for profile in record["profiles"]]
@@ -296,10 +304,13 @@ def measure(args: argparse.Namespace) -> dict:
         prompts=args.prompts, batch_sizes=args.batch_sizes, batches={}, skipped=[], profiles=[], compiled=None,
         args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     )
+    first_seconds = 0.0
     for batch in args.batch_sizes:
-        if batch != first and past_deadline(args, started):
+        # about as many seconds of timed runs per batch size; the untimed passes (FLOPs, memory) grow with it
+        if batch != first and not fits(args, started, first_seconds * max(1.0, batch / first / 2)):
             record["skipped"].append(f"batch {batch}")
             continue
+        phase = time.perf_counter()
         backbone = target_backbone if batch == first else vilt_layers(args, batch, device)
         result = benchmark_backbone(backbone, args.prompts, repetitions_for(batch, args), device,
                                     baselines=("frozen", "LoRA"), warmup=args.warmup)
@@ -309,6 +320,7 @@ def measure(args: argparse.Namespace) -> dict:
             for method in PROFILED_METHODS:
                 record["profiles"].append(profile_step(method_variant(backbone, method, args.prompts[0]), device,
                                                        args.profile_steps))
+        first_seconds = first_seconds or time.perf_counter() - phase
         print(f"batch {batch}: {time.perf_counter() - started:.0f} s", flush=True)
         write_outputs(record, args.output_dir)
         del backbone
@@ -321,7 +333,7 @@ def measure(args: argparse.Namespace) -> dict:
     return record
 
 
-def main() -> None:
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny layers and sizes, one repetition: a smoke run")
@@ -337,26 +349,34 @@ def main() -> None:
     parser.add_argument("--compile-backend", default="inductor", help="'none' skips torch.compile")
     parser.add_argument("--compile-repetitions", type=int, default=10)
     parser.add_argument("--deadline", type=float, default=None,
-                        help="seconds after the start past which no further batch size or compiled model is begun")
+                        help="seconds from the start: a further batch size or compiled model begins only if it is "
+                        "expected to end by then (from the first batch size's time, and the longest compile so far)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="default: $OUT when set, else outputs/efficiency-layers; with --report-only, benchmarks/")
     parser.add_argument("--report-only", type=Path, metavar="RUN_JSON",
                         help="write the RESULTS.md section from a run's JSON (to benchmarks/RESULTS.md by default)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.report_only:
-        record = json.loads(args.report_only.read_text())
-        output = args.output_dir or RESULTS_PATH.parent
-        write_section(record["section"], report_markdown(record), output / RESULTS_PATH.name)
-        print_targets(record)
-        return
+        args.output_dir = args.output_dir or RESULTS_PATH.parent
+        return args
     args.output_dir = args.output_dir or Path(os.environ.get("OUT") or "outputs/efficiency-layers")
     if args.tiny:
         args.batch_sizes, args.tokens, args.prompts = [4, 2, 8], 16, [8, 2]
         args.repetitions = args.compile_repetitions = args.profile_steps = args.warmup = 1
         if args.compile_backend == "inductor":
             args.compile_backend = "aot_eager"  # dynamo and AOTAutograd as on a GPU, without a C++ build
-    measure(args)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.report_only:
+        record = json.loads(args.report_only.read_text())
+        write_section(record["section"], report_markdown(record), args.output_dir / RESULTS_PATH.name)
+        print_targets(record)
+    else:
+        measure(args)
 
 
 if __name__ == "__main__":

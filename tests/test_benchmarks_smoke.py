@@ -83,6 +83,18 @@ def test_efficiency_layers_tiny_measures_every_method_and_batch_size(tmp_path):
     assert (again / "RESULTS.md").read_text() == text
 
 
+def test_efficiency_layers_deadline_skips_what_would_end_past_it(tmp_path):
+    from benchmarks.efficiency_layers import measure, parse_args
+
+    args = parse_args(["--device", "cpu", "--tiny", "--deadline", "0", "--output-dir",
+                       str(tmp_path)])
+    record = measure(args)
+    assert list(record["batches"]) == ["4"] and record["skipped"] == ["batch 2", "batch 8"]
+    assert record["compiled"]["rows"] == {} and record["compiled"]["skipped"] == ["frozen", "LoRA", "APT p=8"]
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "### Batch 4" in text and "### Batch 2" not in text and "Skipped (would end past the deadline)" in text
+
+
 def test_accuracy_plot(tmp_path):
     from benchmarks.plots import plot_accuracy_vs_flops
 
