@@ -12,6 +12,9 @@ and the sequence length, on one ViLT-sized layer, shows how each cost grows.
     python -m benchmarks.efficiency            # CPU, writes the "efficiency" section of RESULTS.md and a PNG
     python -m benchmarks.efficiency --tiny     # seconds-long smoke run on tiny models
     python -m benchmarks.efficiency --device cuda --dtype bf16 --batch-size 32
+
+On a GPU the whole ViLT is bound by its CPU-side patch sampling: `benchmarks/efficiency_layers.py` (run by
+`benchmarks/gpu_check.sh`) times its encoder layers alone, under bf16 autocast, as issue #11 asks.
 """
 
 from __future__ import annotations
