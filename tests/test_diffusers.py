@@ -170,6 +170,27 @@ def test_diffusers_add_adapter_uses_apt():
     assert trainable and all(".apt_" in n for n in trainable)
 
 
+
+def test_diffusers_set_adapters_switches_apt_adapters_and_refuses_weights():
+    unet = build_unet()
+    unet.add_adapter(APTConfig(num_prompts=5, r=3), adapter_name="first")
+    unet.add_adapter(APTConfig(num_prompts=5, r=3), adapter_name="second")
+    randomise_adapter(unet, seed=1, adapter_name="first")
+    randomise_adapter(unet, seed=2, adapter_name="second")
+    outputs = {}
+    for name in ("first", "second"):
+        unet.set_adapters([name])
+        assert unet.active_adapters() == [name]
+        with torch.no_grad():
+            outputs[name] = run(unet, unet_inputs())[0]
+    assert not torch.allclose(outputs["first"], outputs["second"])
+    unet.set_adapters(["first"], weights=[1.0])
+    with torch.no_grad():
+        assert torch.equal(run(unet, unet_inputs())[0], outputs["first"])
+    with pytest.raises(ValueError, match="'first' cannot be weighted \\(0.5 given\\)"):
+        unet.set_adapters(["first"], weights=[0.5])
+
+
 def test_gradients_reach_every_adapter_tensor():
     model = make_unet().train()
     run(model, unet_inputs())[0].square().mean().backward()
