@@ -139,9 +139,9 @@ def add_deep_prompts(
 def lora_config_for(model: nn.Module, r: int = 4, lora_alpha: int = 8) -> LoraConfig:
     """LoRA on the attention query and value projections, as in the LoRA paper; names differ across transformers."""
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    if {"q_proj", "v_proj"} <= names:  # transformers 5.x ViT family
+    if {"q_proj", "v_proj"} <= names:  # ViT family, newer transformers releases
         targets = ["q_proj", "v_proj"]
-    elif {"query", "value"} <= names:  # transformers 4.x ViT family
+    elif {"query", "value"} <= names:  # ViT family, older releases (DINOv2 before 5.18)
         targets = ["query", "value"]
     else:
         raise ValueError(f"No query/value projections found in {type(model).__name__}")

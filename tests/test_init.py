@@ -19,9 +19,13 @@ def pretrained_like_attention():
     torch.manual_seed(0)
     config = Dinov2Config(hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=6, use_mask_token=False)
     model = Dinov2Model(config).eval()
-    for name, param in model.named_parameters():
-        if name.endswith("proj.weight"):
-            torch.nn.init.normal_(param, std=(0.2 if "o_proj" in name else 1.0) * HIDDEN**-0.5)
+    attention = model.encoder.layer[0].attention
+    # the output projection is `o_proj` from transformers 5.18 on, `output.dense` before; the others are Q, K, V
+    (output,) = (module for name, module in attention.named_modules() if name in ("o_proj", "output.dense"))
+    linears = [module for module in attention.modules() if isinstance(module, torch.nn.Linear)]
+    assert len(linears) == 4 and output in linears
+    for linear in linears:
+        torch.nn.init.normal_(linear.weight, std=(0.2 if linear is output else 1.0) * HIDDEN**-0.5)
     # DINOv2-S's norm1 outputs have ||x|| of about 1.5 sqrt(d)
     hidden = 1.5 * torch.nn.functional.layer_norm(torch.randn(4, TOKENS, HIDDEN), (HIDDEN,))
     return model, hidden
