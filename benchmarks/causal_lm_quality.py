@@ -187,8 +187,9 @@ def report(args: argparse.Namespace) -> str:
         f"## Causal-LM adaptation quality (benchmarks/causal_lm_quality.py, {SECTION})",
         "",
         *environments,
-        f"- Training time summed over the {len(records)} runs: "
-        f"{sum(r['seconds_per_step'] for r in records) * args.steps / 60:.1f} min",
+        f"- Training wall time summed over the {len(records)} runs: "
+        f"{sum(r['seconds_per_step'] for r in records) * args.steps / 60:.1f} min (wall times depend on what else the "
+        "machine ran)",
         "",
         f"Model: {model}. Training data: blocks of {args.block_size} tokens from the Python standard library's "
         f"top-level modules of this Python version, one file in five held out by a hash of its name; "
@@ -199,7 +200,7 @@ def report(args: argparse.Namespace) -> str:
         "",
         *(f"- `{name}`: `{records_config(records, name)}`" for name in methods if name in table),
         "",
-        "| method | trainable params | s / step | best lr | perplexity at best lr | "
+        "| method | trainable params | wall s / step | best lr | perplexity at best lr | "
         + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
         "|---|---:|---:|---:|---:|" + "---:|" * len(lrs),
     ]
@@ -212,6 +213,16 @@ def report(args: argparse.Namespace) -> str:
         cells = [cell(by_lr[lr]) if lr in by_lr else "" for lr in lrs]
         out.append(f"| {name} | {runs[0]['trainable_parameters']:,} | {step:.2f} | {best(by_lr):g} | "
                    f"{cell(by_lr[best(by_lr)])} | " + " | ".join(cells) + " |")
+    out += ["", "Change of the held-out perplexity against the frozen model, at each method's best lr, and the best method "
+            "at each lr (means over seeds):", ""]
+    for name, by_lr in table.items():
+        mean = statistics.mean(by_lr[best(by_lr)])
+        out.append(f"- {name}: {100 * (mean / frozen - 1):+.1f}% at lr {best(by_lr):g}")
+    for lr in lrs:
+        at_lr = {name: statistics.mean(by_lr[lr]) for name, by_lr in table.items() if lr in by_lr}
+        out.append(f"- lr {lr:g}: {min(at_lr, key=at_lr.get)} ("
+                   + ", ".join(f"{name} {value:.2f}" for name, value in sorted(at_lr.items(), key=lambda kv: kv[1]))
+                   + ")")
     path = args.output_dir / f"{SECTION}.png"
     plot_metric_vs_lr(table, path, title=f"{'tiny Llama' if args.tiny else 'SmolLM2-135M'}: held-out perplexity",
                       metric="held-out perplexity", reference=("frozen", frozen))
