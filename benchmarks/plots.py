@@ -82,3 +82,38 @@ def plot_accuracy_vs_flops(
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_metric_vs_lr(
+    values: Mapping[str, Mapping[float, Sequence[float]]],
+    path: Path,
+    title: str = "",
+    metric: str = "",
+    reference: tuple[str, float] | None = None,
+) -> None:
+    """
+    One line per method: the metric's mean over seeds against the learning rate (log axis), each seed as a dot.
+
+    A sweep over learning rates shows what a single best-lr number hides: how wide each method's good range is and
+    where it breaks. `reference` draws a named horizontal line, e.g. the frozen model's score.
+    """
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for method, by_lr in values.items():
+        lrs = sorted(by_lr)
+        style = dict(style_of(method))
+        style["markersize"] = style["markersize"] * 0.7
+        ax.plot(lrs, [sum(by_lr[lr]) / len(by_lr[lr]) for lr in lrs], label=method, **style)
+        for lr in lrs:
+            ax.plot([lr] * len(by_lr[lr]), by_lr[lr], linestyle="none", marker=".", color=style["color"], alpha=0.5)
+    if reference is not None:
+        ax.axhline(reference[1], color="tab:gray", linestyle="--", label=reference[0])
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel(metric)
+    if title:
+        ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

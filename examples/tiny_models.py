@@ -3,9 +3,28 @@ a run finishes on a CPU in seconds. Seeded, so a second run rebuilds the same ba
 
 from __future__ import annotations
 
+import random
+
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    Dinov2Config,
+    Dinov2Model,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+
+def tiny_corpus(n_sentences: int = 400, seed: int = 0) -> str:
+    """Sentences with learnable structure, for the tiny Llama: a fixed grammar over a small vocabulary."""
+    rng = random.Random(seed)
+    subjects = ["the cat", "a dog", "the bird", "my friend", "the teacher"]
+    verbs = ["sees", "likes", "follows", "finds"]
+    objects = ["the ball", "a tree", "the house", "a river", "the moon"]
+    return " ".join(f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)} ." for _ in range(n_sentences))
 
 
 def word_tokenizer(texts: list[str], model_max_length: int = 64) -> PreTrainedTokenizerFast:
@@ -39,6 +58,15 @@ def tiny_llama(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCau
         bos_token_id=None,
     )
     return LlamaForCausalLM(config)
+
+
+def tiny_dinov2(seed: int = 0) -> Dinov2Model:
+    """A random 3-block DINOv2 of width 32 on 28x28 images (2x2 patches of 14 px): every code path, in seconds."""
+    torch.manual_seed(seed)
+    config = Dinov2Config(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=28, patch_size=14, use_mask_token=False
+    )
+    return Dinov2Model(config).eval()
 
 
 def tiny_unet(seed: int = 0):

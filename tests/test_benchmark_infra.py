@@ -17,8 +17,8 @@ from benchmarks.baselines import (
     set_backbone_trainable,
     vpt_init_bound,
 )
-from benchmarks.data import load_digits, load_textile
-from benchmarks.pretrained import IMAGE_MEAN, prepare_pixels
+from examples.offline.images import load_digits, load_textile
+from examples.offline.dinov2 import IMAGE_MEAN, prepare_pixels
 
 
 HIDDEN, LAYERS, PATCH, IMAGE = 32, 2, 14, 56  # 4x4 patches + CLS = 17 tokens

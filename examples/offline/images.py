@@ -1,4 +1,4 @@
-"""Small offline image classification datasets, preprocessed for the DINOv2 backbone of `benchmarks.pretrained`.
+"""Small offline image classification datasets, preprocessed for the DINOv2 backbone of `offline.dinov2`.
 
 Both come from installed packages, so benchmarks need no network:
 
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from .pretrained import prepare_pixels
+from .dinov2 import prepare_pixels
 
 
 TEXTILE_CLASSES = ("nominal", "local", "global")
