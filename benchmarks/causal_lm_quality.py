@@ -56,7 +56,13 @@ LRS = (3e-4, 1e-3, 3e-3)
 def config_key(config: PeftConfig) -> str:
     """A short fingerprint of everything in the config that decides training, so changed defaults rerun."""
     fields = {k: v for k, v in config.to_dict().items() if k not in ("base_model_name_or_path", "revision")}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=_plain).encode()).hexdigest()[:12]
+
+
+def _plain(value):
+    """JSON for config values; sets sorted: LoraConfig keeps target_modules as a set, whose order changes with every
+    process's hash seed."""
+    return sorted(value) if isinstance(value, (set, frozenset)) else str(value)
 
 
 def load_base(args: argparse.Namespace):
@@ -149,7 +155,7 @@ def run_sweep(args: argparse.Namespace) -> None:
                 record = train_and_evaluate(config, base, train_blocks, held_out_blocks, lr, seed, args)
                 record.update(
                     method=name, lr=lr, seed=seed, setup=setup, config_key=key,
-                    config={k: str(v) for k, v in config.to_dict().items()}, frozen_perplexity=frozen,
+                    config={k: str(_plain(v)) for k, v in config.to_dict().items()}, frozen_perplexity=frozen,
                     environment=machine,
                 )
                 with open(path, "a") as f:
