@@ -75,7 +75,10 @@ class DeepPrompts(nn.Module):
         super().__init__()
         self.num_prompts = num_prompts
         self.insert_at = insert_at
-        self.prompts = nn.Parameter(torch.empty(len(layers), num_prompts, hidden_size))
+        # On the layers' device and in their dtype: a model moved before its prompts were added must not join
+        # CPU prompts to CUDA hidden states (nor pay a copy per call).
+        where = next((dict(device=p.device, dtype=p.dtype) for layer in layers for p in layer.parameters()), {})
+        self.prompts = nn.Parameter(torch.empty(len(layers), num_prompts, hidden_size, **where))
         nn.init.uniform_(self.prompts, -init_bound, init_bound)
         self.dropout = dropout
         self._handles = []
@@ -136,9 +139,9 @@ def add_deep_prompts(
 def lora_config_for(model: nn.Module, r: int = 4, lora_alpha: int = 8) -> LoraConfig:
     """LoRA on the attention query and value projections, as in the LoRA paper; names differ across transformers."""
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    if {"q_proj", "v_proj"} <= names:  # transformers 5.x ViT family
+    if {"q_proj", "v_proj"} <= names:  # ViT family, newer transformers releases
         targets = ["q_proj", "v_proj"]
-    elif {"query", "value"} <= names:  # transformers 4.x ViT family
+    elif {"query", "value"} <= names:  # ViT family, older releases (DINOv2 before 5.18)
         targets = ["query", "value"]
     else:
         raise ValueError(f"No query/value projections found in {type(model).__name__}")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from peft import get_peft_model
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import Dinov2Model
+from transformers import Dinov2Model, get_cosine_schedule_with_warmup
 
 from peft_apt import APTConfig, APTLayer, approximated_prompt_output
 
@@ -174,7 +174,7 @@ def prompt_term_ratios(tail: nn.Module, hidden: torch.Tensor) -> list[float]:
             record["X"],
             layer.prompts(name),
             layer.apt_W1[name],
-            layer.apt_W2[name],
+            layer.W2(name),
             record["O"].new_zeros(1),
         )
         ratios.append(float(term.norm() / record["O"].norm()))
@@ -195,9 +195,17 @@ def added_forward_flops(method: Method, tail: Dinov2Model, hidden: torch.Tensor)
 
 
 def train_and_evaluate(
-    method: Method, base: Dinov2Model, data: dict, lr: float, seed: int, epochs: int, batch_size: int
+    method: Method,
+    base: Dinov2Model,
+    data: dict,
+    lr: float,
+    seed: int,
+    epochs: int,
+    batch_size: int,
+    warmup_ratio: float = 0.0,
 ) -> dict:
-    """Train the method's parameters and a fresh linear head with AdamW and a cosine schedule; test accuracy."""
+    """Train the method's parameters and a fresh linear head with AdamW, a linear warm-up over `warmup_ratio` of the
+    steps (as Trainer's `warmup_steps=0.1`) and a cosine decay; test accuracy."""
     torch.manual_seed(seed)
     tail = copy.deepcopy(base)
     head = nn.Linear(2 * tail.config.hidden_size, data["num_classes"])
@@ -216,7 +224,8 @@ def train_and_evaluate(
     parameters = [p for p in (*tail.parameters(), *head.parameters()) if p.requires_grad]
     num_train = len(data["train_labels"])
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * math.ceil(num_train / batch_size))
+    steps = epochs * math.ceil(num_train / batch_size)
+    schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * steps), steps)
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     tail.train()
@@ -260,9 +269,15 @@ def prepare_data(model: Dinov2Model, dataset: str, seed: int, args: argparse.Nam
 
 
 def setup_of(args: argparse.Namespace) -> dict:
-    """Everything that makes two records comparable; records of another setup are neither reused nor reported."""
+    """Everything that makes two records comparable; records of another setup are neither reused nor reported.
+    Runs without warm-up leave it out, as the records made before it existed do."""
     keys = ("tiny", "size", "n_train", "n_test", "adapted_layers", "epochs", "batch_size")
-    return {key: getattr(args, key) for key in keys}
+    return {key: getattr(args, key) for key in keys} | ({"warmup_ratio": args.warmup_ratio} if args.warmup_ratio else {})
+
+
+def lrs_of(method: str, args: argparse.Namespace) -> list[float]:
+    """The learning rates swept for `method`: full fine-tuning has its own window (it collapses where adapters train)."""
+    return args.full_lrs if method == "full" and args.full_lrs else args.lrs
 
 
 def read_records(output_dir: Path, setup: dict) -> list[dict]:
@@ -284,14 +299,16 @@ def run_sweep(model: Dinov2Model, args: argparse.Namespace) -> None:
             todo = [
                 (method, lr)
                 for method in args.methods
-                for lr in args.lrs
+                for lr in lrs_of(method, args)
                 if (dataset, seed, method, lr) not in done and (method not in args.one_seed or seed == args.seeds[0])
             ]
             if not todo:
                 continue
             data, tail = prepare_data(model, dataset, seed, args)
             for method, lr in todo:
-                record = train_and_evaluate(METHODS[method], tail, data, lr, seed, args.epochs, args.batch_size)
+                record = train_and_evaluate(
+                    METHODS[method], tail, data, lr, seed, args.epochs, args.batch_size, args.warmup_ratio
+                )
                 record.update(setup=setup, dataset=dataset, seed=seed, method=method, lr=lr, environment=machine)
                 with open(path, "a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -342,27 +359,49 @@ def added_mflops(model: Dinov2Model, methods: list[str], args: argparse.Namespac
     return {method: added_forward_flops(METHODS[method], tail, hidden) / 1e6 for method in methods}
 
 
-# The learning rates of the issue "Robust APT defaults"; its bar is judged on them alone.
-ISSUE_LRS = (1e-4, 3e-4, 1e-3, 3e-3)
+# The bar of the issue "Stable APT recipe" is judged on the learning rates up to this one; the sweep may go higher.
+BAR_MAX_LR = 3e-3
+ISSUE_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+BAR_MARGIN, BAR_MAX_STD = 1.0, 3.0
 
 
 def targets_markdown(table: dict, dataset: str, apt: str) -> str:
-    """The issue's bar for `apt`: >= head-only at every lr, and best-lr mean >= LoRA's and deep prompt's best."""
+    """
+    The bar for `apt` on `dataset`: at every lr <= BAR_MAX_LR it is at most 1 point below head-only and its seeds
+    spread by at most 3 points; its best lr is at most 1 point below LoRA's best (and deep prompt's). Stretch: at least
+    LoRA at every lr where LoRA ends above head-only.
+    """
+    by_lr = lambda method: table.get((dataset, method), {})  # noqa: E731
+    mean = lambda values: statistics.mean(values)  # noqa: E731
+    apt_by_lr, head_by_lr = by_lr(apt), by_lr("head-only")
+    if not apt_by_lr:
+        return ""
+    bar_lrs = sorted(lr for lr in apt_by_lr if lr <= BAR_MAX_LR)
     lines = []
-    table = {key: {lr: v for lr, v in by_lr.items() if lr in ISSUE_LRS} for key, by_lr in table.items()}
-    apt_by_lr, head_by_lr = table.get((dataset, apt)), table.get((dataset, "head-only"))
-    if apt_by_lr and head_by_lr:
-        gaps = {lr: statistics.mean(apt_by_lr[lr]) - statistics.mean(head_by_lr[lr]) for lr in apt_by_lr if lr in head_by_lr}
-        verdict = "holds" if min(gaps.values()) >= 0 else "FAILS"
-        shown = ", ".join(f"{lr:g}: {gap:+.1f}" for lr, gap in sorted(gaps.items()))
-        lines.append(f"- {apt} >= head-only at every lr: **{verdict}** (mean gap in points per lr: {shown})")
-    rivals = sorted(method for d, method in table if d == dataset and method.startswith(("LoRA", "deep prompt")))
-    for rival in rivals:
-        if apt_by_lr:
-            ours = statistics.mean(apt_by_lr[best_lr(apt_by_lr)])
-            theirs = statistics.mean(table[dataset, rival][best_lr(table[dataset, rival])])
-            verdict = "holds" if ours >= theirs else "FAILS"
-            lines.append(f"- {apt} best >= {rival} best: **{verdict}** ({ours:.1f} vs {theirs:.1f})")
+    if head_by_lr:
+        gaps = {lr: mean(apt_by_lr[lr]) - mean(head_by_lr[lr]) for lr in bar_lrs if lr in head_by_lr}
+        verdict = "holds" if min(gaps.values()) >= -BAR_MARGIN else "FAILS"
+        shown = ", ".join(f"{lr:g}: {gap:+.1f}" for lr, gap in gaps.items())
+        lines.append(f"- {apt} >= head-only - {BAR_MARGIN:g} at every lr <= {BAR_MAX_LR:g}: **{verdict}** ({shown})")
+    stds = {lr: mean_std(apt_by_lr[lr])[1] for lr in bar_lrs}
+    verdict = "holds" if max(stds.values()) <= BAR_MAX_STD else "FAILS"
+    shown = ", ".join(f"{lr:g}: {std:.1f}" for lr, std in stds.items())
+    # the split changes with the seed, so part of the spread is the data's: show the rivals' largest spread beside it
+    rivals = {m: max(mean_std(by_lr(m)[lr])[1] for lr in bar_lrs if lr in by_lr(m)) for m in ("head-only", "LoRA r=4")
+              if any(lr in by_lr(m) for lr in bar_lrs)}
+    context = "".join(f"; largest {m} std {std:.1f}" for m, std in rivals.items())
+    lines.append(f"- {apt} seed std <= {BAR_MAX_STD:g} at every lr <= {BAR_MAX_LR:g}: **{verdict}** ({shown}{context})")
+    ours = mean(apt_by_lr[best_lr(apt_by_lr)])
+    for rival in sorted(method for d, method in table if d == dataset and method.startswith(("LoRA", "deep prompt"))):
+        theirs = mean(by_lr(rival)[best_lr(by_lr(rival))])
+        verdict = "holds" if ours >= theirs - BAR_MARGIN else "FAILS"
+        lines.append(f"- {apt} best >= {rival} best - {BAR_MARGIN:g}: **{verdict}** ({ours:.1f} vs {theirs:.1f})")
+    lora = by_lr("LoRA r=4")
+    useful = [lr for lr in lora if lr in apt_by_lr and lr in head_by_lr and mean(lora[lr]) > mean(head_by_lr[lr])]
+    if useful:
+        verdict = "holds" if all(mean(apt_by_lr[lr]) >= mean(lora[lr]) for lr in useful) else "does not hold"
+        shown = ", ".join(f"{lr:g}: {mean(apt_by_lr[lr]) - mean(lora[lr]):+.1f}" for lr in sorted(useful))
+        lines.append(f"- stretch, {apt} >= LoRA r=4 wherever LoRA beats head-only: {verdict} ({shown})")
     return "\n".join(lines)
 
 
@@ -376,6 +415,7 @@ def report(model: Dinov2Model, args: argparse.Namespace) -> str:
     flops = added_mflops(model, methods, args)
     tokens = (args.size // model.config.patch_size) ** 2 + 1
     steps = args.epochs * math.ceil(args.n_train / args.batch_size)
+    warmup = f"linear warm-up over {math.ceil(args.warmup_ratio * steps)} steps then " if args.warmup_ratio else ""
     whole_model = args.adapted_layers == model.config.num_hidden_layers
     if whole_model:
         adapted = (
@@ -409,8 +449,8 @@ def report(model: Dinov2Model, args: argparse.Namespace) -> str:
         f", {args.size}x{args.size} px ({tokens} tokens). {adapted} "
         f"Linear head on [CLS; mean patch] after the final LayerNorm, trained with every method. {args.n_train} "
         f"train / {args.n_test} test images, stratified split per seed, the same split for every method and lr. "
-        f"AdamW (no weight decay), cosine schedule, batch {args.batch_size}, {args.epochs} epochs = {steps} steps for "
-        f"every method. Seeds {args.seeds} (split, head init, adapter init and batch order). Accuracy in %, mean ± "
+        f"AdamW (no weight decay), {warmup}cosine schedule, batch {args.batch_size}, {args.epochs} epochs = {steps} "
+        f"steps for every method. Seeds {args.seeds} (split, head init, adapter init and batch order). Accuracy in %, mean ± "
         "std over seeds. Added MFLOPs: forward FLOPs per image added to the frozen model by the method "
         "(torch FlopCounterMode; LoRA unmerged, 0 once merged). `full` trains the adapted blocks and final norm. "
         "`APT p=200` is `APTConfig()` as it stands (p=200, r=4, default init); `APT p=50` only changes p."
@@ -439,9 +479,9 @@ def report(model: Dinov2Model, args: argparse.Namespace) -> str:
             out.append(f"| {method} | " + " | ".join(format_accuracy(by_lr[lr]) if lr in by_lr else "" for lr in lrs) + " |")
     out += [
         "",
-        "### The bar of the issue \"Robust APT defaults\"",
+        "### The bar of the issue \"Stable APT recipe\"",
         "",
-        f"Judged on the issue's learning rates {', '.join(f'{lr:g}' for lr in ISSUE_LRS)}; others appear above only.",
+        f"Judged on the learning rates up to {BAR_MAX_LR:g}; higher ones appear above only.",
         "",
     ]
     for dataset in datasets:
@@ -459,7 +499,11 @@ def report(model: Dinov2Model, args: argparse.Namespace) -> str:
         "keeps the trainable prompts at the reference scale and uses P = c * apt_prompt, with a fixed power-of-two "
         "multiplier c per module calibrated from p and d alone (no data) so that the initial term is 0.3% of a "
         "LayerNorm-sized input, at most about 10% of O on DINOv2-S. The formula and the saved tensors (effective P, W1, W2, "
-        "s) are unchanged; `init_weights=\"reference\"` restores the authors' init (row `APT p=50 reference init`).",
+        "s) are unchanged; `init_weights=\"reference\"` restores the authors' init (row `APT p=50 reference init`). "
+        "Since the issue \"Stable APT recipe\" the default also trains apt_prompt at 4x the reference std (c 4x "
+        "smaller, P unchanged) and W2 through a fixed multiplier 1/sqrt(d) rounded to a power of two: W1 ~ N(0, 1) "
+        "makes plain Adam steps on W2 turn the keys sqrt(d) times faster than steps on P, and on the whole model at "
+        "224 px that made the term run away at lr 3e-3.",
         "",
     ]
     out += initial_ratios_markdown(model, args)
@@ -522,6 +566,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="methods run on the first seed only, to save time")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--lrs", nargs="+", type=float, default=list(ISSUE_LRS))
+    parser.add_argument("--full-lrs", nargs="+", type=float, help="learning rates of full fine-tuning (default: --lrs)")
+    parser.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warm-up over this share of the steps")
     parser.add_argument("--size", type=int, default=56, help="input pixels per side (patch 14: 56 -> 17 tokens)")
     parser.add_argument("--n-train", type=int, default=300)
     parser.add_argument("--n-test", type=int, default=300)

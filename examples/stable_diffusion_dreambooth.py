@@ -258,6 +258,9 @@ def train(args) -> None:
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(args.output_dir)
         print(f"saved the APT adapter to {args.output_dir}")
+    # Release the DDP wrapper before the process group: a group its reducer still holds ends with the interpreter,
+    # where gloo's worker threads can abort or deadlock the exit (see `end_processes` in examples/_common.py).
+    model, optimizer, dataloader = accelerator.free_memory(model, optimizer, dataloader)
     accelerator.end_training()
 
 

@@ -46,16 +46,18 @@ class APTConfig(PeftConfig):
         apt_dropout (`float`, defaults to `0.0`):
             Dropout probability on the prompt attention scores during training, as the reference code's `attn_drop`.
         init_weights (`Union[bool, Literal["reference"]]`, defaults to `True`):
-            How to initialise the adapter. `True` (safe default): the reference init, except that the prompts are
-            P = c * apt_prompt with apt_prompt at the reference scale and a fixed per-module multiplier c <= 1, set
-            from p and d alone (no data) so that the initial prompt term is 0.3% of a LayerNorm-sized input
-            (`INITIAL_TERM_RATIO`). The adapted model starts close to the frozen one (the reference init moves
-            pretrained DINOv2's attention outputs by 20% to 440%), and optimiser steps stay relative to the
-            reference scale. Learning rates up to 1e-3 are safe; on a whole pretrained ViT 3e-3 is not (README,
-            "Choosing hyper-parameters"). Saved files hold the effective P. `"reference"`
-            reproduces the authors' code exactly: `P ~ N(0, 0.02^2)`, `W1 ~ N(0, 1)`, `W2 = 0`, `s = 0`; use it to
-            compare with the paper. `False` draws every tensor at random, including `W2` and `s`, which only makes
-            sense to test that every term of the formula matters.
+            How to initialise and parametrise the adapter. `True` (default): the reference init with two changes
+            that keep training stable at the learning rates LoRA uses, while the formula and the file stay the
+            reference ones. The prompts are P = c * apt_prompt with a fixed per-module multiplier c, set from p and
+            d alone (no data) so that the initial prompt term is 0.3% of a LayerNorm-sized input
+            (`INITIAL_TERM_RATIO`), with apt_prompt trained at 4x the reference std; and W2 = k * apt_W2 with
+            k = 1/sqrt(d) rounded to a power of two, which undoes the sqrt(d) by which W1 ~ N(0, 1) amplifies
+            steps on W2. The adapted model starts close to the frozen one (the reference init moves pretrained
+            DINOv2's attention outputs by 20% to 440%) and an optimiser step moves the prompt term by a bounded
+            fraction. Saved files hold the effective P and W2. `"reference"` reproduces the authors' code exactly:
+            `P ~ N(0, 0.02^2)`, `W1 ~ N(0, 1)`, `W2 = 0`, `s = 0`, every tensor trained as it is; use it to compare
+            with the paper. `False` draws every tensor at random, including `W2` and `s`, which only makes sense to
+            test that every term of the formula matters.
         modules_to_save (`Optional[list[str]]`):
             Modules besides the APT layers to train and save, for example a new classification head.
     """
@@ -86,8 +88,8 @@ class APTConfig(PeftConfig):
         default=True,
         metadata={
             "help": (
-                "True: the reference init with prompts scaled so the initial prompt term is small (safe default); "
-                "'reference': the authors' initialisation; False: random, for tests."
+                "True: the reference init with a small initial prompt term and fixed multipliers on P and W2 that "
+                "keep training stable (default); 'reference': the authors' initialisation; False: random, for tests."
             )
         },
     )

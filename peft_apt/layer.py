@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from functools import partial
+import threading
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
@@ -19,6 +20,11 @@ from .constants import OUTPUT_PROJECTION_NAMES
 # DINOv2-S the term then starts at 2% to 12% of O per block (benchmarks/RESULTS.md): 1e-3 learnt too slowly at small
 # learning rates (and on small random models), 1e-2 collapsed at lr 3e-3 on one of three seeds.
 INITIAL_TERM_RATIO = 3e-3
+
+# The default trains apt_prompt at this many times the reference init's std (0.02), with P = prompt_scale * apt_prompt
+# unchanged: each Adam step then moves the prompts 4x less relative to their size. With W2's multiplier
+# (`key_map_scale`) it kept whole pretrained DINOv2-S from collapsing at lr 3e-3 (issue "Stable APT recipe").
+TRAINED_PROMPT_STD_RATIO = 4
 
 MERGE_ERROR = (
     "APT adapters cannot be merged into the base weights: the approximated prompt term depends on each input, it is "
@@ -51,7 +57,8 @@ def approximated_prompt_output(
 
     The two matmuls over the tokens are nearly all of the cost, so the rest is arranged to add as few passes over
     memory as possible: `a` scales the n x p scores rather than the n x d product (p < d in practice), and the sum
-    with O is fused into the second matmul.
+    with O is fused into the second matmul. Under autocast the matmuls run in the autocast dtype (with its GEMMs'
+    fp32 accumulation) and the result keeps that dtype.
     """
     d, num_prompts = prompts.shape[-1], prompts.shape[0]
     keys = torch.addmm(prompts, prompts @ W1, W2)
@@ -59,7 +66,7 @@ def approximated_prompt_output(
     scores = F.dropout(scores, p=dropout, training=training)
     weight = scores.detach().amax(dim=-1, keepdim=True)
     summed = torch.addmm(output.reshape(-1, d), (scores * weight).reshape(-1, num_prompts), prompts)
-    return log_scale.exp() * summed.view(output.shape)
+    return log_scale.exp().to(summed.dtype) * summed.view(output.shape)
 
 
 @functools.lru_cache
@@ -83,6 +90,18 @@ def calibrated_prompt_scale(num_prompts: int, hidden_size: int, target: float = 
     return min(1.0, (target / ratio) ** (1 / 3))
 
 
+def key_map_scale(hidden_size: int) -> float:
+    """
+    The default multiplier k of W2 = k * apt_W2: 1/sqrt(d), rounded to a power of two.
+
+    W1 ~ N(0, 1) (the reference init) makes P @ W1 sqrt(d) times larger than P, so a plain Adam step on W2 turns the
+    keys K = P + P W1 W2 about sqrt(d) times faster than a step on P moves them; the term, quadratic in X K^T, then
+    runs away at learning rates LoRA takes. k undoes that amplification without changing W1's init (with Adam, a
+    multiplier on a parameter is a learning rate on it). A power of two keeps W2 <-> apt_W2 exact in the file.
+    """
+    return 2.0 ** round(math.log2(hidden_size**-0.5))
+
+
 def find_output_projection(attention: nn.Module) -> Optional[str]:
     """Path, relative to `attention`, of the module whose output is O ("" for the module itself), or None."""
     if isinstance(attention, nn.MultiheadAttention):
@@ -97,23 +116,62 @@ def find_output_projection(attention: nn.Module) -> Optional[str]:
     return None
 
 
+@dataclass(eq=False)  # compared by identity: removing one call must never compare tensors
+class _RunningCall:
+    """One APT layer's forward in progress: its X, and whether its output projection has run yet."""
+
+    layer: "APTLayer"
+    query_states: torch.Tensor
+    term_added: bool = False
+
+
+class _ThreadState(threading.local):
+    """
+    Per-thread state of APT forwards. Threads that share one model (a server answering requests in parallel) each
+    see only their own calls, so no call ever reads another call's X or adapter names.
+    """
+
+    def __init__(self) -> None:
+        self.running: list[_RunningCall] = []
+        self.adapter_names: Optional[list[str]] = None
+
+
+_THREAD_STATE = _ThreadState()
+
+
+def current_adapter_names() -> Optional[list[str]]:
+    """The per-sample adapter names of the mixed-adapter batch running in this thread, or None."""
+    return _THREAD_STATE.adapter_names
+
+
+def set_adapter_names(adapter_names: Optional[list[str]]) -> Optional[list[str]]:
+    """Set this thread's per-sample adapter names (see `APTModel._enable_peft_forward_hooks`); returns the old ones."""
+    previous, _THREAD_STATE.adapter_names = _THREAD_STATE.adapter_names, adapter_names
+    return previous
+
+
 class APTLayer(nn.Module, BaseTunerLayer):
     """
     Wraps an attention module and adds APT's approximated prompt term to its output projection's result.
 
     The term needs X, the attention's query-side input, and must land right after the output projection (before
     dropout, residual and, in post-LN blocks, the LayerNorm that live inside some attention modules). So the layer
-    reads X from its own call and adds the term through a forward hook on the projection that lives only for that
-    call. The base module is never modified.
+    reads X from its own call and a forward hook, registered once on the projection, adds the term. X travels from
+    the layer to the hook through per-thread state, so concurrent calls from several threads never mix. Outside an
+    APT forward (adapters disabled, or the projection called on its own) the hook does nothing. The base module's
+    weights and code are never modified; `unload()` removes the hook.
 
-    With the default init the trainable `apt_prompt` holds P / c, at the reference init's scale, and P = c * apt_prompt
-    with a fixed per-module multiplier c (`prompt_scale`): Adam's steps are then relative to the reference scale
-    whatever c is, so a small initial term does not turn a usual learning rate into a huge relative one. State dicts,
-    and so adapter files, hold the effective P (`prompts()`), as with any other init.
+    With the default init two tensors are trained through fixed multipliers, so that Adam's steps have the size that
+    keeps training stable whatever the prompts' scale: P = c * apt_prompt (`prompt_scale`; apt_prompt at
+    `TRAINED_PROMPT_STD_RATIO` times the reference std, so a small initial term does not turn a usual learning rate into
+    a huge relative one) and W2 = k * apt_W2 (`W2_scale`, see `key_map_scale`). State dicts, and so adapter files, hold
+    the effective P and W2 (`prompts()`, `W2()`), as with any other init.
     """
 
     adapter_layer_names = ("apt_prompt", "apt_W1", "apt_W2", "apt_s")
-    other_param_names = ("num_prompts", "r", "apt_dropout", "prompt_scale")
+    other_param_names = ("num_prompts", "r", "apt_dropout", "prompt_scale", "W2_scale")
+    # trainable tensor -> the attribute holding its fixed multiplier per adapter (the file holds the product)
+    scaled_tensors = {"apt_prompt": "prompt_scale", "apt_W2": "W2_scale"}
 
     def __init__(
         self,
@@ -136,26 +194,36 @@ class APTLayer(nn.Module, BaseTunerLayer):
         self.r: dict[str, int] = {}
         self.apt_dropout: dict[str, float] = {}
         self.prompt_scale: dict[str, float] = {}
+        self.W2_scale: dict[str, float] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._active_adapter = adapter_name
         # The first parameter of the attention's forward carries X (`hidden_states`, or `query` for
         # nn.MultiheadAttention); models pass it positionally or by keyword.
         self.query_argument = next(iter(inspect.signature(base_layer.forward).parameters))
-        self.register_state_dict_post_hook(_save_effective_prompts)
-        self.register_load_state_dict_pre_hook(_load_effective_prompts)
+        self._projection_hook = self._projection().register_forward_hook(self._add_prompt_term)
+        self.register_state_dict_post_hook(_save_effective_tensors)
+        self.register_load_state_dict_pre_hook(_load_effective_tensors)
         self.update_layer(adapter_name, num_prompts, r, apt_dropout, init_weights)
+
+    def _projection(self) -> nn.Module:
+        """The module whose output is O: the output projection, or nn.MultiheadAttention itself."""
+        return self.get_base_layer().get_submodule(self.output_projection)
 
     @property
     def hidden_size(self) -> int:
-        """d, taken from the module itself: composite configs (CLIP, BridgeTower) have no single hidden size."""
-        return self._projection_weight().shape[0]
+        """
+        d, taken from the module itself: composite configs (CLIP, BridgeTower) have no single hidden size. Read from
+        the layer's declared sizes, not its weight, whose shape is packed in quantized layers (bitsandbytes 4-bit).
+        """
+        projection = self._projection()
+        if isinstance(projection, nn.MultiheadAttention):
+            return projection.embed_dim
+        return getattr(projection, "out_features", None) or projection.weight.shape[0]
 
     def _projection_weight(self) -> torch.Tensor:
-        base_layer = self.get_base_layer()
-        if isinstance(base_layer, nn.MultiheadAttention):
-            return base_layer.out_proj.weight
-        return base_layer.get_submodule(self.output_projection).weight
+        projection = self._projection()
+        return projection.out_proj.weight if isinstance(projection, nn.MultiheadAttention) else projection.weight
 
     def update_layer(
         self, adapter_name: str, num_prompts: int, r: int, apt_dropout: float, init_weights: Union[bool, str]
@@ -175,11 +243,13 @@ class APTLayer(nn.Module, BaseTunerLayer):
     @torch.no_grad()
     def reset_apt_parameters(self, adapter_name: str, init_weights: Union[bool, str]) -> None:
         prompts, W1, W2, log_scale = (getattr(self, name)[adapter_name] for name in self.adapter_layer_names)
-        # It depends on p and d only, so adapters created empty (on the meta device, for loading) get it too.
-        scale = calibrated_prompt_scale(*prompts.shape) if init_weights is True else 1.0
-        # A power-of-two multiplier makes P <-> apt_prompt exact in any float format (adapter files round-trip);
-        # apt_prompt absorbs the rest, so it stays within a factor sqrt(2) of the reference scale.
-        self.prompt_scale[adapter_name] = 2.0 ** round(math.log2(scale))
+        # The multipliers depend on p and d only, so adapters created empty (on the meta device, for loading) get them
+        # too. Powers of two make P <-> apt_prompt and W2 <-> apt_W2 exact in any float format (files round-trip);
+        # apt_prompt absorbs the rest of the calibrated scale, within a factor sqrt(2) of its target std.
+        default = init_weights is True
+        scale = calibrated_prompt_scale(*prompts.shape) if default else 1.0
+        self.prompt_scale[adapter_name] = 2.0 ** round(math.log2(scale)) / (TRAINED_PROMPT_STD_RATIO if default else 1)
+        self.W2_scale[adapter_name] = key_map_scale(prompts.shape[1]) if default else 1.0
         if prompts.is_meta:
             return
         # The reference code's initialisation: K = P and exp(s) = 1 at the start.
@@ -198,6 +268,10 @@ class APTLayer(nn.Module, BaseTunerLayer):
         """The effective prompts P of the formula (and of the adapter file): `prompt_scale` times `apt_prompt`."""
         return self.prompt_scale[adapter_name] * self.apt_prompt[adapter_name]
 
+    def W2(self, adapter_name: str) -> torch.Tensor:
+        """The effective W2 of the formula (and of the adapter file): `W2_scale` times `apt_W2`."""
+        return self.W2_scale[adapter_name] * self.apt_W2[adapter_name]
+
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         """Follow the output projection's device and floating dtype (PEFT's autocast then keeps adapters in fp32)."""
         weight = self._projection_weight()
@@ -212,6 +286,21 @@ class APTLayer(nn.Module, BaseTunerLayer):
 
     def unmerge(self) -> None:
         raise ValueError(MERGE_ERROR)
+
+    def set_scale(self, adapter_name: str, scale: float) -> None:
+        """
+        diffusers' `set_adapters(names, weights)` weights LoRA deltas. APT's term is not a weighted delta (exp(s) scales
+        the whole output), so only the neutral weight 1.0, what `set_adapters(names)` passes, is accepted.
+        """
+        if scale != 1.0:
+            raise ValueError(
+                f"APT adapter '{adapter_name}' cannot be weighted ({scale!r} given): APT has no adapter weight. Call "
+                "`set_adapters(names)` without `weights`, or with weights of 1.0."
+            )
+
+    def remove_projection_hook(self) -> None:
+        """Detach from the base module (on unload), which then computes exactly what it did before APT."""
+        self._projection_hook.remove()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.disable_adapters or not any(name in self.apt_prompt for name in self.active_adapters):
@@ -230,14 +319,14 @@ class APTLayer(nn.Module, BaseTunerLayer):
                 f"APT on {type(self.base_layer).__name__}: the query-side input has last dimension "
                 f"{query_states.shape[-1]} but the output projection has {self.hidden_size} features."
             )
-        projection = self.base_layer.get_submodule(self.output_projection)
-        calls: list[bool] = []
-        handle = projection.register_forward_hook(partial(self._add_prompt_term, query_states, calls))
+        call = _RunningCall(self, query_states)
+        running = _THREAD_STATE.running
+        running.append(call)
         try:
             output = self.base_layer(*args, **kwargs)
         finally:
-            handle.remove()
-        if not calls:
+            running.remove(call)
+        if not call.term_added:
             raise RuntimeError(
                 f"APT on {type(self.base_layer).__name__}: its output projection '{self.output_projection}' was not "
                 "called as a module during the forward (applied functionally, e.g. by a custom attention "
@@ -245,45 +334,90 @@ class APTLayer(nn.Module, BaseTunerLayer):
             )
         return output
 
-    def _add_prompt_term(
-        self, query_states: torch.Tensor, calls: list[bool], module: nn.Module, inputs: Any, output: Any
-    ) -> Any:
-        """Forward hook on the output projection: O -> exp(s) * (O + a * (A @ P)) for each active adapter."""
-        calls.append(True)
+    def _add_prompt_term(self, module: nn.Module, inputs: Any, output: Any) -> Any:
+        """Forward hook on the output projection: O -> exp(s) * (O + a * (A @ P)) during this layer's own call."""
+        running = _THREAD_STATE.running
+        if not running or running[-1].layer is not self:
+            return None
+        call = running[-1]
+        call.term_added = True
         attention_output = output[0] if isinstance(output, tuple) else output
-        result = attention_output
-        for active_adapter in self.active_adapters:
-            if active_adapter not in self.apt_prompt:
+        adapter_names = current_adapter_names()
+        if adapter_names is None:
+            result = self._apply_adapters(self.active_adapters, attention_output, call.query_states)
+        else:
+            result = self._mixed_batch_prompt_term(adapter_names, attention_output, call.query_states)
+        return (result, *output[1:]) if isinstance(output, tuple) else result
+
+    def _apply_adapters(self, adapter_names: list[str], output: torch.Tensor, query_states: torch.Tensor):
+        """O' for these adapters in order, each applied to the previous one's output."""
+        result = output
+        for adapter_name in adapter_names:
+            if adapter_name not in self.apt_prompt:
                 continue
-            prompts = self.prompts(active_adapter)
+            prompts = self.prompts(adapter_name)
+            if not torch.is_autocast_enabled(result.device.type):
+                # The term in the adapter's dtype (fp32 masters on a half-precision base), as LoRA does. Under
+                # autocast its matmuls already run in the autocast dtype: casting to fp32 first would be wasted.
+                result = self._cast_input_dtype(result, prompts.dtype)
+                query_states = self._cast_input_dtype(query_states, prompts.dtype)
             result = approximated_prompt_output(
-                self._cast_input_dtype(result, prompts.dtype),
-                self._cast_input_dtype(query_states, prompts.dtype),
+                result,
+                query_states,
                 prompts,
-                self.apt_W1[active_adapter],
-                self.apt_W2[active_adapter],
-                self.apt_s[active_adapter],
-                dropout=self.apt_dropout[active_adapter],
+                self.apt_W1[adapter_name],
+                self.W2(adapter_name),
+                self.apt_s[adapter_name],
+                dropout=self.apt_dropout[adapter_name],
                 training=self.training,
             )
-        result = result.to(attention_output.dtype)
-        return (result, *output[1:]) if isinstance(output, tuple) else result
+        return result.to(output.dtype)
+
+    def _batch_dim(self, query_states: torch.Tensor) -> int:
+        """Sequence-first nn.MultiheadAttention (the default) carries the batch in dim 1; everything else in dim 0."""
+        base_layer = self.get_base_layer()
+        sequence_first = isinstance(base_layer, nn.MultiheadAttention) and not base_layer.batch_first
+        return 1 if sequence_first and query_states.ndim == 3 else 0
+
+    def _mixed_batch_prompt_term(self, adapter_names: list[str], output: torch.Tensor, query_states: torch.Tensor):
+        """Each sample gets its own adapter (or none for "__base__"); adapters this layer lacks leave it as it is."""
+        batch_dim = self._batch_dim(query_states)
+        if query_states.ndim < 3 or query_states.shape[batch_dim] != len(adapter_names):
+            raise ValueError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} names for an input of shape {tuple(query_states.shape)} (batch dimension "
+                f"{batch_dim}) at {type(self.get_base_layer()).__name__}."
+            )
+        result = output
+        for adapter_name in dict.fromkeys(adapter_names):
+            if adapter_name not in self.apt_prompt:
+                continue
+            rows = torch.tensor(
+                [i for i, name in enumerate(adapter_names) if name == adapter_name], device=output.device
+            )
+            sub_result = self._apply_adapters(
+                [adapter_name], output.index_select(batch_dim, rows), query_states.index_select(batch_dim, rows)
+            )
+            result = result.index_copy(batch_dim, rows, sub_result)
+        return result
 
     def __repr__(self) -> str:
         return "apt." + super().__repr__()
 
 
-def _save_effective_prompts(layer: APTLayer, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    """State dict post-hook: store P = prompt_scale * apt_prompt under the `apt_prompt` key."""
-    for adapter_name, scale in layer.prompt_scale.items():
-        key = f"{prefix}apt_prompt.{adapter_name}"
-        if key in state_dict and scale != 1.0:
-            state_dict[key] = state_dict[key] * scale
+def _save_effective_tensors(layer: APTLayer, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State dict post-hook: store the effective P and W2 (multiplier times trained tensor) under their usual keys."""
+    for tensor_name, scales in layer.scaled_tensors.items():
+        for adapter_name, scale in getattr(layer, scales).items():
+            key = f"{prefix}{tensor_name}.{adapter_name}"
+            if key in state_dict and scale != 1.0:
+                state_dict[key] = state_dict[key] * scale
 
 
-def _load_effective_prompts(layer: APTLayer, state_dict: dict, prefix: str, *args) -> None:
-    """Load pre-hook, the inverse of `_save_effective_prompts`: the file's P becomes apt_prompt = P / prompt_scale."""
-    for adapter_name, scale in layer.prompt_scale.items():
-        key = f"{prefix}apt_prompt.{adapter_name}"
-        if key in state_dict and scale != 1.0:
-            state_dict[key] = state_dict[key] / scale
+def _load_effective_tensors(layer: APTLayer, state_dict: dict, prefix: str, *args) -> None:
+    """Load pre-hook, the inverse of `_save_effective_tensors`: the file's P and W2 are divided by their multipliers."""
+    for tensor_name, scales in layer.scaled_tensors.items():
+        for adapter_name, scale in getattr(layer, scales).items():
+            key = f"{prefix}{tensor_name}.{adapter_name}"
+            if key in state_dict and scale != 1.0:
+                state_dict[key] = state_dict[key] / scale

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
 
 from .config import APTConfig
 from .constants import OUTPUT_PROJECTION_NAMES, TRANSFORMERS_MODELS_TO_APT_TARGET_MODULES_MAPPING
-from .layer import MERGE_ERROR, APTLayer, find_output_projection
+from .layer import MERGE_ERROR, APTLayer, find_output_projection, set_adapter_names
 
 
 class APTModel(BaseTuner):
@@ -106,9 +107,40 @@ class APTModel(BaseTuner):
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         if isinstance(child, APTLayer) and new_module is child.get_base_layer():
             # unloading puts the untouched attention module back; PEFT's version assumes a Linear-like module
+            child.remove_projection_hook()
             setattr(parent, child_name, new_module)
             return
         super()._replace_module(parent, child_name, new_module, child)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """
+        Mixed-adapter batches: `model(..., adapter_names=["a", "b", "__base__"])` runs each sample with its own
+        adapter ("__base__": none), in inference only, as PEFT's LoRA does. The names reach the APT layers through
+        per-thread state rather than hooks registered for the call, so threads sharing the model never see each
+        other's names.
+        """
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
+            raise TypeError(f"`adapter_names` must be a list of str, one per sample, got {adapter_names!r}.")
+        known = {name for layer in self.model.modules() if isinstance(layer, APTLayer) for name in layer.apt_prompt}
+        unknown = {name for name in adapter_names if name != "__base__"} - known
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:
+            # generate() repeats each input num_beams times
+            adapter_names = [name for name in adapter_names for _ in range(num_beams)]
+        previous = set_adapter_names(list(adapter_names))
+        try:
+            yield
+        finally:
+            set_adapter_names(previous)
 
     def _check_merge_allowed(self) -> None:
         raise ValueError(MERGE_ERROR)

@@ -1,9 +1,15 @@
 """Tiny random models of every supported family, built from configs (no download), with inputs and, written here
-independently of the library, where APT must attach in each: the attention modules and their output projections."""
+independently of the library, where APT must attach in each: the attention modules and their output projections.
+
+transformers 5.x releases renamed the modules of some families (ViT's `encoder.layer.N.attention` with `output.dense`
+became `layers.N.attention` with `o_proj`; DINOv2's projections became `o_proj` in 5.18). Such a family lists both
+layouts; the model built by the installed release must match exactly one of them, whole, and the tests then expect
+exactly that one's modules adapted and the term at that one's output projection."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import torch
@@ -13,14 +19,47 @@ SMALL = dict(num_hidden_layers=2, num_attention_heads=2, intermediate_size=37)
 
 
 @dataclass
+class Layout:
+    attention_paths: list[str]  # the modules the defaults must adapt, in model order
+    projection: str  # relative path of the output projection ("" = the module's own output[0])
+
+    def describes(self, model: torch.nn.Module) -> bool:
+        """Every attention path is there, and its output projection is a Linear (or, for "", it is a
+        `nn.MultiheadAttention`, which applies its `out_proj` functionally)."""
+        modules = dict(model.named_modules())
+        if not all(path in modules for path in self.attention_paths):
+            return False
+        if not self.projection:
+            return all(isinstance(modules[path], torch.nn.MultiheadAttention) for path in self.attention_paths)
+        projections = [modules.get(f"{path}.{self.projection}") for path in self.attention_paths]
+        return all(isinstance(projection, torch.nn.Linear) for projection in projections)
+
+
+@dataclass
 class Family:
     name: str
     build: Callable[[], torch.nn.Module]
     inputs: Callable[[], dict]
-    attention_paths: list[str]  # the modules the defaults must adapt, in model order
-    projection: str  # relative path of the output projection ("" = the module's own output[0])
+    layouts: list[Layout]  # one per module naming that a supported transformers release builds
     hidden_size: int | list[int]  # d of each adapted module (one value for all, or one per attention path)
     query_argument: str = "hidden_states"
+
+    @cached_property
+    def layout(self) -> Layout:
+        """The one layout that describes the model this installed release builds."""
+        with torch.random.fork_rng():
+            model = self.build()
+        matches = [layout for layout in self.layouts if layout.describes(model)]
+        assert len(matches) == 1, f"{self.name}: {len(matches)} of the expected layouts describe the model, not one"
+        return matches[0]
+
+    @property
+    def attention_paths(self) -> list[str]:
+        return self.layout.attention_paths
+
+    @property
+    def projection(self) -> str:
+        return self.layout.projection
 
     @property
     def hidden_sizes(self) -> list[int]:
@@ -62,24 +101,21 @@ FAMILIES = {
         _seeded(lambda: T.ViltModel(T.ViltConfig(hidden_size=32, image_size=32, patch_size=8, max_image_length=-1,
                                                  vocab_size=99, **SMALL))),
         lambda: {**_text(), "pixel_values": _pixels()},
-        _layers("encoder.layer.{}.attention"),
-        "output.dense",
+        [Layout(_layers("encoder.layer.{}.attention"), "output.dense")],
         32,
     ),
     "bert": Family(
         "bert",
         _seeded(lambda: T.BertModel(T.BertConfig(hidden_size=32, vocab_size=99, **SMALL))),
         _text,
-        _layers("encoder.layer.{}.attention"),
-        "output.dense",
+        [Layout(_layers("encoder.layer.{}.attention"), "output.dense")],
         32,
     ),
     "roberta": Family(
         "roberta",
         _seeded(lambda: T.RobertaModel(T.RobertaConfig(hidden_size=32, vocab_size=99, **SMALL))),
         _text,
-        _layers("encoder.layer.{}.attention"),
-        "output.dense",
+        [Layout(_layers("encoder.layer.{}.attention"), "output.dense")],
         32,
     ),
     "bridgetower": Family(
@@ -89,9 +125,8 @@ FAMILIES = {
             vision_config=dict(hidden_size=64, num_hidden_layers=2, image_size=32, patch_size=8),
             hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37))),
         lambda: {**_text(), "pixel_values": _pixels()},
-        [f"cross_modal_{side}_layers.{i}.{kind}" for side in ("image", "text") for i in range(2)
-         for kind in ("attention", "crossattention")],
-        "output.dense",
+        [Layout([f"cross_modal_{side}_layers.{i}.{kind}" for side in ("image", "text") for i in range(2)
+                 for kind in ("attention", "crossattention")], "output.dense")],
         64,
     ),
     "clip": Family(
@@ -100,16 +135,16 @@ FAMILIES = {
             text_config=dict(hidden_size=32, vocab_size=99, bos_token_id=0, eos_token_id=2, **SMALL),
             vision_config=dict(hidden_size=48, image_size=32, patch_size=8, **SMALL), projection_dim=16))),
         lambda: {**_text(), "pixel_values": _pixels()},
-        _layers("text_model.encoder.layers.{}.self_attn") + _layers("vision_model.encoder.layers.{}.self_attn"),
-        "out_proj",
+        [Layout([f"{tower}_model.encoder.layers.{i}.self_attn" for tower in ("text", "vision") for i in range(2)],
+                "out_proj")],
         [32, 32, 48, 48],
     ),
     "clip_vision_model": Family(
         "clip_vision_model",
         _seeded(lambda: T.CLIPVisionModel(T.CLIPVisionConfig(hidden_size=48, image_size=32, patch_size=8, **SMALL))),
         lambda: {"pixel_values": _pixels()},
-        _layers("encoder.layers.{}.self_attn"),
-        "out_proj",
+        [Layout(_layers("encoder.layers.{}.self_attn"), "out_proj"),  # newer transformers releases
+         Layout(_layers("vision_model.encoder.layers.{}.self_attn"), "out_proj")],
         48,
     ),
     "clip_text_model": Family(
@@ -117,24 +152,24 @@ FAMILIES = {
         _seeded(lambda: T.CLIPTextModel(T.CLIPTextConfig(
             hidden_size=32, vocab_size=99, bos_token_id=0, eos_token_id=2, **SMALL))),
         _text,
-        _layers("encoder.layers.{}.self_attn"),
-        "out_proj",
+        [Layout(_layers("encoder.layers.{}.self_attn"), "out_proj"),  # newer transformers releases
+         Layout(_layers("text_model.encoder.layers.{}.self_attn"), "out_proj")],
         32,
     ),
     "vit": Family(
         "vit",
         _seeded(lambda: T.ViTModel(T.ViTConfig(hidden_size=32, image_size=32, patch_size=8, **SMALL))),
         lambda: {"pixel_values": _pixels()},
-        _layers("layers.{}.attention"),
-        "o_proj",
+        [Layout(_layers("layers.{}.attention"), "o_proj"),  # newer transformers releases
+         Layout(_layers("encoder.layer.{}.attention"), "output.dense")],
         32,
     ),
     "dinov2": Family(
         "dinov2",
         _seeded(lambda: T.Dinov2Model(T.Dinov2Config(hidden_size=32, image_size=32, patch_size=8, **SMALL))),
         lambda: {"pixel_values": _pixels()},
-        _layers("encoder.layer.{}.attention"),
-        "o_proj",
+        [Layout(_layers("encoder.layer.{}.attention"), "o_proj"),  # from transformers 5.18 on
+         Layout(_layers("encoder.layer.{}.attention"), "output.dense")],
         32,
     ),
     **{
@@ -143,8 +178,7 @@ FAMILIES = {
             _seeded(lambda config_cls=config_cls, model_cls=model_cls: model_cls(config_cls(
                 hidden_size=32, num_key_value_heads=1, vocab_size=99, **SMALL))),
             lambda: _text(mask=False),
-            _layers("model.layers.{}.self_attn"),
-            "o_proj",
+            [Layout(_layers("model.layers.{}.self_attn"), "o_proj")],
             32,
         )
         for name, config_cls, model_cls in [
@@ -160,8 +194,7 @@ MHA_FAMILY = Family(
     "bridgetower_vision_mha",
     FAMILIES["bridgetower"].build,
     FAMILIES["bridgetower"].inputs,
-    _layers("vision_model.visual.transformer.resblocks.{}.attn"),
-    "",
+    [Layout(_layers("vision_model.visual.transformer.resblocks.{}.attn"), "")],
     64,
     query_argument="query",
 )

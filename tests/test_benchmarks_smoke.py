@@ -1,5 +1,6 @@
 """The benchmark scripts still run end to end, on tiny models (the benchmarks themselves are not tests)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,73 @@ def test_efficiency_tiny_writes_its_section_and_plot(tmp_path):
     for expected in ("### ViLT", "### BridgeTower", "APT p=8", "deep prompt p=8", "LoRA", "head-only", "Command:"):
         assert expected in text
     assert (tmp_path / "efficiency.png").stat().st_size > 0
+
+
+def test_efficiency_layers_tiny_measures_every_method_and_batch_size(tmp_path):
+    """The GPU benchmark's code path on CPU: every phase runs and writes sane records, and --report-only rewrites
+    the same section from the JSON."""
+    from benchmarks.efficiency_layers import gpu_targets
+
+    command = [sys.executable, "-m", "benchmarks.efficiency_layers", "--device", "cpu", "--tiny", "--threads", "1",
+               "--compile-backend", "eager", "--output-dir", str(tmp_path)]  # dynamo alone: the quickest compile
+    try:
+        run = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
+    except subprocess.CalledProcessError as error:
+        pytest.fail(f"efficiency_layers --tiny failed:\n{error.stderr[-3000:]}")
+    record = json.loads((tmp_path / "efficiency_layers.json").read_text())
+    methods = ["frozen", "LoRA", "deep prompt p=8", "APT p=8", "deep prompt p=2", "APT p=2"]
+    assert record["batch_sizes"] == [4, 2, 8] and sorted(record["batches"]) == ["2", "4", "8"]
+    assert record["skipped"] == []
+    for batch in record["batches"].values():
+        rows = batch["rows"]
+        assert list(rows) == methods and batch["out_of_memory"] == []
+        for name, row in rows.items():
+            assert row["infer"]["cpu"][0] > 0 and row["infer"]["cpu"][1] > 0
+            assert (name == "frozen") == ("step" not in row)
+            assert name == "frozen" or row["step_flops"] > row["flops"]  # a backward on top of the forward
+        assert rows["frozen"]["flops"] < rows["APT p=2"]["flops"] < rows["APT p=8"]["flops"]
+        for p in (8, 2):
+            assert rows[f"deep prompt p={p}"]["flops"] > rows[f"APT p={p}"]["flops"]
+            assert 1 <= batch["summary"][f"apt_vs_analytic_{p}"] < 1.2  # plus the keys, p*r*d, not tiny here
+            for key in (f"infer_apt_base_{p}", f"step_apt_lora_{p}", f"step_deep_apt_{p}"):
+                assert all(ratio > 0 for ratio in batch["summary"][key]["cpu"])
+    assert record["batches"]["4"]["repetitions"] == 1 and record["batches"]["2"]["repetitions"] == 2
+    verdicts = sorted(line.split(": ")[0].split(" ", 1)[1] for line in run.stdout.splitlines()
+                      if line.startswith(("PASS ", "FAIL ")))
+    assert verdicts == sorted(description for description, *_ in gpu_targets(8, 2) if "memory" not in description)
+
+    assert [profile["method"] for profile in record["profiles"]] == ["APT p=8", "LoRA"]
+    for profile in record["profiles"]:
+        assert len(profile["top"]) == 15 and profile["total_ms"] > 0
+        assert sum(item["share"] for item in profile["top"]) <= 1 + 1e-9
+    compiled = record["compiled"]
+    assert list(compiled["rows"]) == ["frozen", "frozen compiled", "LoRA", "LoRA compiled", "APT p=8",
+                                      "APT p=8 compiled"]
+    assert compiled["compile_seconds"]["APT p=8 compiled"]["step"] > 0
+    assert compiled["rows"]["APT p=8 compiled"]["step"]["vs_eager"] > 0
+    assert compiled["rows"]["LoRA compiled"]["infer"]["vs_reference"] > 0
+
+    text = (tmp_path / "RESULTS.md").read_text()
+    for expected in ("Issue #11's targets at batch 4", "### Batch 8", "torch.compile", "Command:", "aten::"):
+        assert expected in text
+    again = tmp_path / "again"
+    again.mkdir()
+    subprocess.run([sys.executable, "-m", "benchmarks.efficiency_layers", "--report-only",
+                    str(tmp_path / "efficiency_layers.json"), "--output-dir", str(again)],
+                   cwd=ROOT, check=True, capture_output=True, text=True, timeout=120)
+    assert (again / "RESULTS.md").read_text() == text
+
+
+def test_efficiency_layers_deadline_skips_what_would_end_past_it(tmp_path):
+    from benchmarks.efficiency_layers import measure, parse_args
+
+    args = parse_args(["--device", "cpu", "--tiny", "--deadline", "0", "--output-dir",
+                       str(tmp_path)])
+    record = measure(args)
+    assert list(record["batches"]) == ["4"] and record["skipped"] == ["batch 2", "batch 8"]
+    assert record["compiled"]["rows"] == {} and record["compiled"]["skipped"] == ["frozen", "LoRA", "APT p=8"]
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "### Batch 4" in text and "### Batch 2" not in text and "Skipped (would end past the deadline)" in text
 
 
 def test_accuracy_plot(tmp_path):

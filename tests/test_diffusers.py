@@ -3,7 +3,6 @@ cross-attention, X always the query stream), placement before dropout, residual 
 processor, the processor machinery, save/load and diffusers' own adapter API. CI installs `peft-apt[diffusers]`."""
 
 import copy
-import dataclasses
 
 import pytest
 
@@ -17,7 +16,7 @@ from diffusers.models.attention_processor import (  # noqa: E402
     FusedAttnProcessor2_0,
 )
 from examples.tiny_models import tiny_unet  # noqa: E402
-from families import Family  # noqa: E402
+from families import Family, Layout  # noqa: E402
 from peft import PeftModel, get_peft_model  # noqa: E402
 from reference import adapter_tensors, randomise_adapter, reference_hooks, run  # noqa: E402
 
@@ -48,8 +47,8 @@ UNET = Family(
     "unet2d_condition",
     build_unet,
     unet_inputs,
-    [f"{block}.transformer_blocks.0.{attn}" for block, _ in BLOCKS for attn in ("attn1", "attn2")],
-    "to_out.0",
+    [Layout([f"{block}.transformer_blocks.0.{attn}" for block, _ in BLOCKS for attn in ("attn1", "attn2")],
+            "to_out.0")],
     [d for _, d in BLOCKS for _ in ("attn1", "attn2")],
 )
 
@@ -102,7 +101,7 @@ def test_term_lands_before_dropout_residual_connection_and_rescale():
         with reference_hooks(reference, UNET, tensors):
             expected = run(reference, inputs)[0]
         # the same term added at the attention's output, after dropout, residual and rescale
-        with reference_hooks(reference, dataclasses.replace(UNET, projection=""), tensors):
+        with reference_hooks(reference, UNET, tensors, projection=""):
             misplaced = run(reference, inputs)[0]
     torch.testing.assert_close(adapted, expected, rtol=1e-4, atol=1e-5)
     assert (adapted - misplaced).abs().max() > 1e-2
@@ -168,6 +167,27 @@ def test_diffusers_add_adapter_uses_apt():
     assert sorted(n for n, m in unet.named_modules() if isinstance(m, APTLayer)) == sorted(UNET.attention_paths)
     trainable = [n for n, p in unet.named_parameters() if p.requires_grad]
     assert trainable and all(".apt_" in n for n in trainable)
+
+
+
+def test_diffusers_set_adapters_switches_apt_adapters_and_refuses_weights():
+    unet = build_unet()
+    unet.add_adapter(APTConfig(num_prompts=5, r=3), adapter_name="first")
+    unet.add_adapter(APTConfig(num_prompts=5, r=3), adapter_name="second")
+    randomise_adapter(unet, seed=1, adapter_name="first")
+    randomise_adapter(unet, seed=2, adapter_name="second")
+    outputs = {}
+    for name in ("first", "second"):
+        unet.set_adapters([name])
+        assert unet.active_adapters() == [name]
+        with torch.no_grad():
+            outputs[name] = run(unet, unet_inputs())[0]
+    assert not torch.allclose(outputs["first"], outputs["second"])
+    unet.set_adapters(["first"], weights=[1.0])
+    with torch.no_grad():
+        assert torch.equal(run(unet, unet_inputs())[0], outputs["first"])
+    with pytest.raises(ValueError, match="'first' cannot be weighted \\(0.5 given\\)"):
+        unet.set_adapters(["first"], weights=[0.5])
 
 
 def test_gradients_reach_every_adapter_tensor():

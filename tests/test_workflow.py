@@ -91,6 +91,7 @@ def launch_two_processes(script: str, output_dir: Path, *args: str) -> subproces
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es) ran (MULTI_CPU" in result.stdout
     assert "adapter identical on all processes" in result.stdout
+    assert "process group destroyed" in result.stdout  # before exit, not by the interpreter's teardown
     assert "unused parameters" not in result.stderr
     return result
 

@@ -38,29 +38,29 @@ _LINEAR_NODE = re.compile(
     r"/backbone/encoder/layer\.(\d+)/(attention/attention/query|attention/attention/key|attention/attention/value"
     r"|attention/output/dense|mlp/fc1|mlp/fc2)/MatMul$"
 )
-# ONNX module path -> transformers 5.x module path inside `encoder.layer.{i}`
-_LINEAR_NAMES = {
-    "attention/attention/query": "attention.q_proj",
-    "attention/attention/key": "attention.k_proj",
-    "attention/attention/value": "attention.v_proj",
-    "attention/output/dense": "attention.o_proj",
-    "mlp/fc1": "mlp.fc1",
-    "mlp/fc2": "mlp.fc2",
-}
-_NAMED_LAYER_PARAMS = {
-    "norm1.weight": "norm1.weight",
-    "norm1.bias": "norm1.bias",
-    "attention.attention.query.bias": "attention.q_proj.bias",
-    "attention.attention.key.bias": "attention.k_proj.bias",
-    "attention.attention.value.bias": "attention.v_proj.bias",
-    "attention.output.dense.bias": "attention.o_proj.bias",
-    "layer_scale1.lambda1": "layer_scale1.lambda1",
-    "norm2.weight": "norm2.weight",
-    "norm2.bias": "norm2.bias",
-    "mlp.fc1.bias": "mlp.fc1.bias",
-    "mlp.fc2.bias": "mlp.fc2.bias",
-    "layer_scale2.lambda1": "layer_scale2.lambda1",
-}
+# Parameters of `encoder.layer.{i}` stored under their own names (the export's names are those of transformers < 5.18)
+_NAMED_LAYER_PARAMS = (
+    "norm1.weight",
+    "norm1.bias",
+    "attention.attention.query.bias",
+    "attention.attention.key.bias",
+    "attention.attention.value.bias",
+    "attention.output.dense.bias",
+    "layer_scale1.lambda1",
+    "norm2.weight",
+    "norm2.bias",
+    "mlp.fc1.bias",
+    "mlp.fc2.bias",
+    "layer_scale2.lambda1",
+)
+# transformers 5.18 renamed DINOv2's attention projections. Weights, converted or cached, are loaded under the names
+# of the installed release, whichever of the two they carry.
+_PROJECTION_RENAMES = (
+    ("attention.attention.query.", "attention.q_proj."),
+    ("attention.attention.key.", "attention.k_proj."),
+    ("attention.attention.value.", "attention.v_proj."),
+    ("attention.output.dense.", "attention.o_proj."),
+)
 
 
 def find_onnx_file() -> Path:
@@ -202,14 +202,26 @@ def _read_state_dict(graph: _Graph, config: Dinov2Config) -> dict[str, torch.Ten
     state = {name: init[f"backbone.{name}"] for name in named}
     state["embeddings.position_embeddings"] = _position_embeddings(graph)
     for i in range(config.num_hidden_layers):
-        for onnx_name, hf_name in _NAMED_LAYER_PARAMS.items():
-            state[f"encoder.layer.{i}.{hf_name}"] = init[f"backbone.encoder.layer.{i}.{onnx_name}"]
+        for name in _NAMED_LAYER_PARAMS:
+            state[f"encoder.layer.{i}.{name}"] = init[f"backbone.encoder.layer.{i}.{name}"]
     # Linear weights lost their names when folded into MatMul (stored as in x out); the MatMul node names keep them.
     for node in graph.nodes:
         if node.op_type == "MatMul" and (match := _LINEAR_NODE.match(node.name)):
             layer, module = match.groups()
-            state[f"encoder.layer.{layer}.{_LINEAR_NAMES[module]}.weight"] = init[node.input[1]].T
+            state[f"encoder.layer.{layer}.{module.replace('/', '.')}.weight"] = init[node.input[1]].T
     return {name: torch.tensor(value, dtype=torch.float32) for name, value in state.items()}
+
+
+def to_installed_names(state: dict[str, torch.Tensor], model: Dinov2Model) -> dict[str, torch.Tensor]:
+    """`state` under the parameter names of `model`, from the names of transformers < 5.18 or >= 5.18."""
+    renamed = any(".attention.q_proj." in name for name in model.state_dict())
+    pairs = _PROJECTION_RENAMES if renamed else [(new, old) for old, new in _PROJECTION_RENAMES]
+    out = {}
+    for name, tensor in state.items():
+        for source, target in pairs:
+            name = name.replace(source, target)
+        out[name] = tensor
+    return out
 
 
 def convert_onnx(onnx_path: Path) -> Dinov2Model:
@@ -221,7 +233,7 @@ def convert_onnx(onnx_path: Path) -> Dinov2Model:
         raise ValueError(f"Unexpected ONNX input shape {graph.input_shape}")
     config = _read_config(graph)
     model = Dinov2Model(config)
-    model.load_state_dict(_read_state_dict(graph, config), strict=True)
+    model.load_state_dict(to_installed_names(_read_state_dict(graph, config), model), strict=True)
     return model.eval()
 
 
@@ -273,7 +285,7 @@ def load_dinov2_small(cache_dir: str | Path = DEFAULT_CACHE_DIR, verify: bool = 
 
     if weights_path.exists() and config_path.exists():
         model = Dinov2Model(Dinov2Config.from_json_file(str(config_path)))
-        model.load_state_dict(load_file(str(weights_path)), strict=True)
+        model.load_state_dict(to_installed_names(load_file(str(weights_path)), model), strict=True)
         model.eval()
         if verify:
             verify_against_onnxruntime(model, onnx_path)
