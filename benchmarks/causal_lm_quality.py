@@ -24,12 +24,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import peft
 import torch
 from peft import LoraConfig, PeftConfig, PromptTuningConfig, get_peft_model
 from transformers import get_cosine_schedule_with_warmup
 
 from examples.offline.text import perplexity, stdlib_sources, token_blocks
 from examples.tiny_models import tiny_corpus, tiny_llama, word_tokenizer
+import peft_apt
 from peft_apt import APTConfig
 
 from .baselines import count_trainable_parameters
@@ -54,9 +56,24 @@ LRS = (3e-4, 1e-3, 3e-3)
 
 
 def config_key(config: PeftConfig) -> str:
-    """A short fingerprint of everything in the config that decides training, so changed defaults rerun."""
+    """A short fingerprint of what decides a method's training: its config fields, peft's version and, for APT, the
+    tuner's source. An APT default can change without any config field changing (the parametrisation lives in the
+    layer), so records made by other tuner code are rerun rather than reported as the current default."""
     fields = {k: v for k, v in config.to_dict().items() if k not in ("base_model_name_or_path", "revision")}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    fields["peft version"] = peft.__version__
+    if isinstance(config, APTConfig):
+        fields["peft_apt source"] = tuner_source_hash()
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=_plain).encode()).hexdigest()[:12]
+
+
+def tuner_source_hash(root: Path = Path(peft_apt.__file__).parent) -> str:
+    return hashlib.sha256(b"".join(path.read_bytes() for path in sorted(root.glob("*.py")))).hexdigest()[:12]
+
+
+def _plain(value):
+    """JSON for config values; sets sorted: LoraConfig keeps target_modules as a set, whose order changes with every
+    process's hash seed."""
+    return sorted(value) if isinstance(value, (set, frozenset)) else str(value)
 
 
 def load_base(args: argparse.Namespace):
@@ -149,7 +166,7 @@ def run_sweep(args: argparse.Namespace) -> None:
                 record = train_and_evaluate(config, base, train_blocks, held_out_blocks, lr, seed, args)
                 record.update(
                     method=name, lr=lr, seed=seed, setup=setup, config_key=key,
-                    config={k: str(v) for k, v in config.to_dict().items()}, frozen_perplexity=frozen,
+                    config={k: str(_plain(v)) for k, v in config.to_dict().items()}, frozen_perplexity=frozen,
                     environment=machine,
                 )
                 with open(path, "a") as f:

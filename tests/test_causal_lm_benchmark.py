@@ -35,3 +35,20 @@ def test_causal_lm_sweep_runs_reuses_records_and_adds_recipes(tmp_path):
         assert f"| {method} |" in text
     assert f"**{frozen:.2f}**" in text and "Command:" in text
     assert (tmp_path / "causal-lm.png").stat().st_size > 0
+
+
+def test_config_keys_do_not_depend_on_the_hash_seed():
+    """LoraConfig holds target_modules as a set: a key built from its repr would differ between processes."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "from benchmarks.causal_lm_quality import METHODS, config_key; print([config_key(m()) for m in METHODS.values()])"
+    root = Path(__file__).resolve().parents[1]
+    outputs = {
+        subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+        for seed in ("1", "2", "3")
+    }
+    assert len(outputs) == 1 and len(eval(outputs.pop())) == len(METHODS)
