@@ -41,6 +41,8 @@ def approximated_prompt_output(
     log_scale: torch.Tensor,
     dropout: float = 0.0,
     training: bool = False,
+    prompt_scale: float = 1.0,
+    W2_scale: float = 1.0,
 ) -> torch.Tensor:
     """
     The APT formula of the authors' reference code, for one attention module.
@@ -48,7 +50,7 @@ def approximated_prompt_output(
     `output` is O, the attention output right after its output projection, and `query_states` is X, the hidden
     states entering the attention on the query side; both end in the hidden size d. Only the keys are computed once
     per call; everything else is two matmuls over the tokens. The prompt weight `a` is a constant for
-    backpropagation, as in the reference code.
+    backpropagation, as in the reference code. With P = prompt_scale * prompts and W2 = W2_scale * W2:
 
         K  = P + (P @ W1) @ W2
         A  = dropout(relu(X @ K^T))
@@ -57,15 +59,19 @@ def approximated_prompt_output(
 
     The two matmuls over the tokens are nearly all of the cost, so the rest is arranged to add as few passes over
     memory as possible: `a` scales the n x p scores rather than the n x d product (p < d in practice), and the sum
-    with O is fused into the second matmul. Under autocast the matmuls run in the autocast dtype (with its GEMMs'
-    fp32 accumulation) and the result keeps that dtype.
+    with O is fused into the second matmul. The multipliers (positive: they pass through relu and max, so the term
+    is prompt_scale^3 times the one of the unscaled tensors) ride on the matmuls instead of making scaled copies of
+    the tensors on every call. Under autocast the matmuls run in the autocast dtype (with its GEMMs' fp32
+    accumulation) and the result keeps that dtype.
     """
     d, num_prompts = prompts.shape[-1], prompts.shape[0]
-    keys = torch.addmm(prompts, prompts @ W1, W2)
+    keys = torch.addmm(prompts, prompts @ W1, W2, alpha=W2_scale)  # K / prompt_scale
     scores = (query_states @ keys.T).relu_()
     scores = F.dropout(scores, p=dropout, training=training)
     weight = scores.detach().amax(dim=-1, keepdim=True)
-    summed = torch.addmm(output.reshape(-1, d), (scores * weight).reshape(-1, num_prompts), prompts)
+    summed = torch.addmm(
+        output.reshape(-1, d), (scores * weight).reshape(-1, num_prompts), prompts, alpha=prompt_scale**3
+    )
     return log_scale.exp().to(summed.dtype) * summed.view(output.shape)
 
 
@@ -355,7 +361,7 @@ class APTLayer(nn.Module, BaseTunerLayer):
         for adapter_name in adapter_names:
             if adapter_name not in self.apt_prompt:
                 continue
-            prompts = self.prompts(adapter_name)
+            prompts = self.apt_prompt[adapter_name]
             if not torch.is_autocast_enabled(result.device.type):
                 # The term in the adapter's dtype (fp32 masters on a half-precision base), as LoRA does. Under
                 # autocast its matmuls already run in the autocast dtype: casting to fp32 first would be wasted.
@@ -366,10 +372,12 @@ class APTLayer(nn.Module, BaseTunerLayer):
                 query_states,
                 prompts,
                 self.apt_W1[adapter_name],
-                self.W2(adapter_name),
+                self.apt_W2[adapter_name],
                 self.apt_s[adapter_name],
                 dropout=self.apt_dropout[adapter_name],
                 training=self.training,
+                prompt_scale=self.prompt_scale[adapter_name],
+                W2_scale=self.W2_scale[adapter_name],
             )
         return result.to(output.dtype)
 
