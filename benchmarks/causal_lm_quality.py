@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import inspect
 import json
 import math
 import random
@@ -31,8 +32,8 @@ from transformers import get_cosine_schedule_with_warmup
 
 from examples.offline.text import perplexity, stdlib_sources, token_blocks
 from examples.tiny_models import tiny_corpus, tiny_llama, word_tokenizer
-import peft_apt
 from peft_apt import APTConfig
+from peft_apt import layer as apt_layer
 
 from .baselines import count_trainable_parameters
 from .plots import plot_metric_vs_lr
@@ -57,17 +58,33 @@ LRS = (3e-4, 1e-3, 3e-3)
 
 def config_key(config: PeftConfig) -> str:
     """A short fingerprint of what decides a method's training: its config fields, peft's version and, for APT, the
-    tuner's source. An APT default can change without any config field changing (the parametrisation lives in the
-    layer), so records made by other tuner code are rerun rather than reported as the current default."""
+    code of its formula and initialisation. An APT default can change without any config field changing (the
+    parametrisation lives in the layer), so records made by other code are rerun rather than reported as the current
+    default; edits elsewhere in the tuner (errors, serving) keep the records."""
     fields = {k: v for k, v in config.to_dict().items() if k not in ("base_model_name_or_path", "revision")}
     fields["peft version"] = peft.__version__
     if isinstance(config, APTConfig):
-        fields["peft_apt source"] = tuner_source_hash()
+        fields["APT training code"] = apt_training_code_hash()
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=_plain).encode()).hexdigest()[:12]
 
 
-def tuner_source_hash(root: Path = Path(peft_apt.__file__).parent) -> str:
-    return hashlib.sha256(b"".join(path.read_bytes() for path in sorted(root.glob("*.py")))).hexdigest()[:12]
+# The code that decides what an APT run learns, beside its config: the formula, the init and the default's
+# multipliers (and the constants they read).
+APT_TRAINING_CODE = (
+    apt_layer.approximated_prompt_output,
+    apt_layer.calibrated_prompt_scale,
+    apt_layer.key_map_scale,
+    apt_layer.APTLayer.reset_apt_parameters,
+    apt_layer.APTLayer.prompts,
+    apt_layer.APTLayer.W2,
+)
+APT_TRAINING_CONSTANTS = ("INITIAL_TERM_RATIO", "TRAINED_PROMPT_STD_RATIO")
+
+
+def apt_training_code_hash() -> str:
+    sources = [inspect.getsource(code) for code in APT_TRAINING_CODE]
+    sources += [f"{name} = {getattr(apt_layer, name)!r}" for name in APT_TRAINING_CONSTANTS]
+    return hashlib.sha256("\n".join(sources).encode()).hexdigest()[:12]
 
 
 def _plain(value):

@@ -52,3 +52,16 @@ def test_config_keys_do_not_depend_on_the_hash_seed():
         for seed in ("1", "2", "3")
     }
     assert len(outputs) == 1 and len(eval(outputs.pop())) == len(METHODS)
+
+
+def test_apt_records_follow_the_parametrisation_not_the_rest_of_the_tuner(monkeypatch):
+    """A new default multiplier reruns the APT row; the same code gives the same key."""
+    from benchmarks.causal_lm_quality import config_key
+    from peft_apt import APTConfig
+    from peft_apt import layer as apt_layer
+
+    key = config_key(APTConfig(task_type="CAUSAL_LM"))
+    assert config_key(APTConfig(task_type="CAUSAL_LM")) == key
+    assert config_key(APTConfig(task_type="CAUSAL_LM", num_prompts=50)) != key
+    monkeypatch.setattr(apt_layer, "TRAINED_PROMPT_STD_RATIO", apt_layer.TRAINED_PROMPT_STD_RATIO * 2)
+    assert config_key(APTConfig(task_type="CAUSAL_LM")) != key
