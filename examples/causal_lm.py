@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from _common import SHORT_RUN_DEFAULTS, report_processes, parse_args as parse_common_args
+from _common import SHORT_RUN_DEFAULTS, end_processes, report_processes, parse_args as parse_common_args
 from offline.text import perplexity, stdlib_sources, token_blocks
 from peft import PeftModel, get_peft_model
 from tiny_models import tiny_corpus, tiny_llama, word_tokenizer
@@ -175,6 +175,7 @@ def main(argv=None) -> dict[str, float]:
         for name, value in results.items():
             print(f"held-out {name}: {value:.3f}")
         print(f"prompt: {prompt!r}\nbefore: {before!r}\nafter:  {after!r}")
+    end_processes(trainer)
     return results
 
 
