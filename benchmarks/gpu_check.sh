@@ -12,21 +12,11 @@
 # Writes numerics.log, efficiency_layers.log, efficiency_layers.json, profile.txt and RESULTS.md (its section) to
 # $OUT (the device runner's output folder) or outputs/gpu-check. Exits non-zero if a step failed; every step runs.
 set -uo pipefail
-PYTHON=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 OUTPUT=${OUT:-outputs/gpu-check}
 mkdir -p "$OUTPUT"
-export PYTHONUNBUFFERED=1
 start=$SECONDS
-
-SITE=${SITE:-/tmp/site}
-if compgen -G ".whl/*.whl" > /dev/null; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
-        || { echo "gpu_check: installing the carried wheels failed" >&2; exit 2; }
-    export PYTHONPATH=$SITE:$PWD
-else
-    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-fi
+. benchmarks/gpu_env.sh
 
 DEVICE=$DEVICE "$PYTHON" - <<'PY' || { echo "gpu_check: needs torch (with CUDA for DEVICE=cuda), transformers>=5, peft>=0.18 and aenum" >&2; exit 2; }
 import os

