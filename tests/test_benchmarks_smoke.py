@@ -16,7 +16,7 @@ def test_efficiency_tiny_writes_its_section_and_plot(tmp_path):
     try:
         subprocess.run(
             [sys.executable, "-m", "benchmarks.efficiency", "--tiny", "--output-dir", str(tmp_path)],
-            cwd=ROOT, check=True, capture_output=True, text=True, timeout=120,
+            cwd=ROOT, check=True, capture_output=True, text=True, timeout=300,  # a hang guard (120 s was hit under load)
         )
     except subprocess.CalledProcessError as error:
         pytest.fail(f"efficiency.py --tiny failed:\n{error.stderr[-3000:]}")
