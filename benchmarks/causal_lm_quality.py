@@ -53,7 +53,7 @@ METHODS: dict[str, Callable[[], PeftConfig]] = {
         task_type="CAUSAL_LM", num_virtual_tokens=20, prompt_tuning_init="SAMPLE_VOCAB"
     ),
 }
-LRS = (3e-4, 1e-3, 3e-3)
+LRS = (3e-4, 1e-3, 3e-3, 1e-2)
 
 
 def config_key(config: PeftConfig) -> str:

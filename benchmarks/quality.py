@@ -105,14 +105,16 @@ METHODS = {
         Method("APT p=200 W1 var 1/d P/c std .02", _apt_init_ablation(200, small_W1=True, trained_prompt_std=0.02)),
         *(
             Method(f"APT p=200 P/c std .{std}", _apt_init_ablation(200, trained_prompt_std=float(f"0.{std}")))
-            for std in ("04", "08", "16")
+            for std in ("025", "04", "05", "08", "16")
         ),
     )
 }
 ABLATION_LEGEND = (
     " Init ablations, rows with a suffix (`_apt_init_ablation`): `W1 var 1/d` draws W1 with variance 1/d like LoRA's A "
-    "instead of the authors' 1; `P/c std x` trains apt_prompt at std x instead of about 0.02 (0.025 at p=200, "
-    "d=384, where c is rounded to a power of two), with c adjusted so that P is unchanged."
+    "instead of the authors' 1; `P/c std x` trains apt_prompt at std x, with c adjusted so that P is unchanged: the "
+    "default trains it at 4x the reference std (0.10 at p=200, d=384, where c is rounded to a power of two), so .05 "
+    "is 2x and .025 is 1x, the reference's step size relative to the prompts. Records made before the stable default "
+    "(no warm-up, W2 without its multiplier) started from 0.025."
 )
 # What the CPU sweep runs by default: deep prompt p=50 is too slow there, init ablations are for the GPU run.
 CPU_METHODS = ("head-only", "full", "LoRA r=4", "deep prompt p=10", "APT p=50", "APT p=200", "APT p=50 reference init")
