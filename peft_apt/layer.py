@@ -413,19 +413,22 @@ class APTLayer(nn.Module, BaseTunerLayer):
         return "apt." + super().__repr__()
 
 
-def _save_effective_tensors(layer: APTLayer, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    """State dict post-hook: store the effective P and W2 (multiplier times trained tensor) under their usual keys."""
+def _scaled_entries(layer: APTLayer, state_dict: dict, prefix: str):
+    """(key, multiplier) of each tensor in `state_dict` that the layer trains through a multiplier other than 1."""
     for tensor_name, scales in layer.scaled_tensors.items():
         for adapter_name, scale in getattr(layer, scales).items():
             key = f"{prefix}{tensor_name}.{adapter_name}"
             if key in state_dict and scale != 1.0:
-                state_dict[key] = state_dict[key] * scale
+                yield key, scale
+
+
+def _save_effective_tensors(layer: APTLayer, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State dict post-hook: store the effective P and W2 (multiplier times trained tensor) under their usual keys."""
+    for key, scale in _scaled_entries(layer, state_dict, prefix):
+        state_dict[key] = state_dict[key] * scale
 
 
 def _load_effective_tensors(layer: APTLayer, state_dict: dict, prefix: str, *args) -> None:
     """Load pre-hook, the inverse of `_save_effective_tensors`: the file's P and W2 are divided by their multipliers."""
-    for tensor_name, scales in layer.scaled_tensors.items():
-        for adapter_name, scale in getattr(layer, scales).items():
-            key = f"{prefix}{tensor_name}.{adapter_name}"
-            if key in state_dict and scale != 1.0:
-                state_dict[key] = state_dict[key] / scale
+    for key, scale in _scaled_entries(layer, state_dict, prefix):
+        state_dict[key] = state_dict[key] / scale
