@@ -51,6 +51,12 @@ def run(model, inputs) -> list[torch.Tensor]:
     return [v for v in values if torch.is_tensor(v) and v.is_floating_point()]
 
 
+def multiplier(layer, tensor_name: str, adapter_name: str = "default") -> float:
+    """The fixed factor between a trained APT tensor and the formula's: its `scaled_tensors` multiplier, else 1."""
+    scales = layer.scaled_tensors.get(tensor_name)
+    return getattr(layer, scales)[adapter_name] if scales else 1.0
+
+
 @torch.no_grad()
 def randomise_adapter(model, seed: int = 0, adapter_name: str = "default"):
     """Give every APT tensor a random effective value (the formula's P, W1, W2, s) large enough that each term of the
@@ -67,8 +73,7 @@ def randomise_adapter(model, seed: int = 0, adapter_name: str = "default"):
                 value = torch.randn(param.shape, generator=g) * 0.2
             else:  # W1 (d x r) and W2 (r x d), so that P W1 W2 is on the scale of P
                 value = torch.randn(param.shape, generator=g) / param.shape[0] ** 0.5
-            multiplier = getattr(layer, layer.scaled_tensors[name])[adapter_name] if name in layer.scaled_tensors else 1
-            param.copy_((value / multiplier).to(param.dtype))
+            param.copy_((value / multiplier(layer, name, adapter_name)).to(param.dtype))
 
 
 def adapter_tensors(peft_model, paths, adapter_name: str = "default"):

@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers as T
 from peft import get_peft_model
-from reference import adapter_tensors, reference_hooks
+from reference import adapter_tensors, multiplier, reference_hooks
 
 from peft_apt import APTConfig
 
@@ -62,8 +62,7 @@ def test_vilt_layer_output_and_gradients_match_the_reference(device, precision):
     names = ("apt_prompt", "apt_W1", "apt_W2", "apt_s")
     got_grads = []
     for name in names:  # gradients of the formula's P, W1, W2, s (the reference's leaves), not of what is trained
-        multiplier = getattr(layer, layer.scaled_tensors[name])["default"] if name in layer.scaled_tensors else 1.0
-        got_grads.append(getattr(layer, name)["default"].grad.double() / multiplier)
+        got_grads.append(getattr(layer, name)["default"].grad.double() / multiplier(layer, name))
 
     tensors = [t.double().requires_grad_() for t in adapter_tensors(model, [ATTENTION])[ATTENTION]]
     with reference_hooks(reference, VILT, {ATTENTION: tensors}):
