@@ -374,7 +374,7 @@ def targets_markdown(table: dict, dataset: str, apt: str) -> str:
     LoRA at every lr where LoRA ends above head-only.
     """
     by_lr = lambda method: table.get((dataset, method), {})  # noqa: E731
-    mean = lambda values: statistics.mean(values)  # noqa: E731
+    mean = statistics.mean
     apt_by_lr, head_by_lr = by_lr(apt), by_lr("head-only")
     if not apt_by_lr:
         return ""
