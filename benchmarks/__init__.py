@@ -1,1 +1,4 @@
-"""Benchmarks of peft-apt and the baselines they compare APT with; the offline models and data come from `examples.offline`."""
+"""Benchmarks of peft-apt and the baselines they compare APT with.
+
+The offline models and data come from `examples.offline`.
+"""

@@ -182,14 +182,22 @@ def run_sweep(args: argparse.Namespace) -> None:
                     frozen = perplexity(base, held_out_blocks, args.batch_size)
                 record = train_and_evaluate(config, base, train_blocks, held_out_blocks, lr, seed, args)
                 record.update(
-                    method=name, lr=lr, seed=seed, setup=setup, config_key=key,
-                    config={k: str(_plain(v)) for k, v in config.to_dict().items()}, frozen_perplexity=frozen,
+                    method=name,
+                    lr=lr,
+                    seed=seed,
+                    setup=setup,
+                    config_key=key,
+                    config={k: str(_plain(v)) for k, v in config.to_dict().items()},
+                    frozen_perplexity=frozen,
                     environment=machine,
                 )
                 with open(path, "a") as f:
                     f.write(json.dumps(record) + "\n")
-                print(f"seed {seed} {name} lr {lr:g}: perplexity {record['perplexity']:.3f} (frozen {frozen:.3f}, "
-                      f"{record['seconds_per_step']:.2f}s/step)", flush=True)
+                print(
+                    f"seed {seed} {name} lr {lr:g}: perplexity {record['perplexity']:.3f} (frozen {frozen:.3f}, "
+                    f"{record['seconds_per_step']:.2f}s/step)",
+                    flush=True,
+                )
 
 
 def report(args: argparse.Namespace) -> str:
@@ -235,7 +243,8 @@ def report(args: argparse.Namespace) -> str:
         *(f"- `{name}`: `{records_config(records, name)}`" for name in methods if name in table),
         "",
         "| method | trainable params | wall s / step | best lr | perplexity at best lr | "
-        + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
+        + " | ".join(f"lr {lr:g}" for lr in lrs)
+        + " |",
         "|---|---:|---:|---:|---:|" + "---:|" * len(lrs),
     ]
     for name in methods:
@@ -245,21 +254,34 @@ def report(args: argparse.Namespace) -> str:
         runs = [r for r in records if r["method"] == name]
         step = statistics.median(r["seconds_per_step"] for r in runs)
         cells = [cell(by_lr[lr]) if lr in by_lr else "" for lr in lrs]
-        out.append(f"| {name} | {runs[0]['trainable_parameters']:,} | {step:.2f} | {best(by_lr):g} | "
-                   f"{cell(by_lr[best(by_lr)])} | " + " | ".join(cells) + " |")
-    out += ["", "Change of the held-out perplexity against the frozen model, at each method's best lr, and the best method "
-            "at each lr (means over seeds):", ""]
+        out.append(
+            f"| {name} | {runs[0]['trainable_parameters']:,} | {step:.2f} | {best(by_lr):g} | "
+            f"{cell(by_lr[best(by_lr)])} | " + " | ".join(cells) + " |"
+        )
+    out += [
+        "",
+        "Change of the held-out perplexity against the frozen model, at each method's best lr, and the best method "
+        "at each lr (means over seeds):",
+        "",
+    ]
     for name, by_lr in table.items():
         mean = statistics.mean(by_lr[best(by_lr)])
         out.append(f"- {name}: {100 * (mean / frozen - 1):+.1f}% at lr {best(by_lr):g}")
     for lr in lrs:
         at_lr = {name: statistics.mean(by_lr[lr]) for name, by_lr in table.items() if lr in by_lr}
-        out.append(f"- lr {lr:g}: {min(at_lr, key=at_lr.get)} ("
-                   + ", ".join(f"{name} {value:.2f}" for name, value in sorted(at_lr.items(), key=lambda kv: kv[1]))
-                   + ")")
+        out.append(
+            f"- lr {lr:g}: {min(at_lr, key=at_lr.get)} ("
+            + ", ".join(f"{name} {value:.2f}" for name, value in sorted(at_lr.items(), key=lambda kv: kv[1]))
+            + ")"
+        )
     path = args.output_dir / f"{SECTION}.png"
-    plot_metric_vs_lr(table, path, title=f"{'tiny Llama' if args.tiny else 'SmolLM2-135M'}: held-out perplexity",
-                      metric="held-out perplexity", reference=("frozen", frozen))
+    plot_metric_vs_lr(
+        table,
+        path,
+        title=f"{'tiny Llama' if args.tiny else 'SmolLM2-135M'}: held-out perplexity",
+        metric="held-out perplexity",
+        reference=("frozen", frozen),
+    )
     relative = path.relative_to(args.results_md.parent) if path.is_relative_to(args.results_md.parent) else path
     out += ["", f"![causal-lm]({relative})"]
     return "\n".join(out)
@@ -268,8 +290,16 @@ def report(args: argparse.Namespace) -> str:
 def records_config(records: list[dict], name: str) -> str:
     """The fields of a method's recorded config that tell the recipes apart."""
     config = next(r["config"] for r in records if r["method"] == name)
-    keep = ("peft_type", "num_prompts", "r", "init_weights", "target_modules", "lora_alpha", "num_virtual_tokens",
-            "prompt_tuning_init")
+    keep = (
+        "peft_type",
+        "num_prompts",
+        "r",
+        "init_weights",
+        "target_modules",
+        "lora_alpha",
+        "num_virtual_tokens",
+        "prompt_tuning_init",
+    )
     return ", ".join(f"{k}={config[k]}" for k in keep if k in config and config[k] not in ("None",))
 
 
@@ -277,8 +307,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="random tiny Llama on a generated corpus: a smoke test")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--apt", nargs=2, action="append", metavar=("NAME", "JSON"),
-                        help="add an APT recipe: a method name and APTConfig fields as JSON (repeatable)")
+    parser.add_argument(
+        "--apt",
+        nargs=2,
+        action="append",
+        metavar=("NAME", "JSON"),
+        help="add an APT recipe: a method name and APTConfig fields as JSON (repeatable)",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--lrs", nargs="+", type=float, default=list(LRS))
     parser.add_argument("--steps", type=int, default=30)

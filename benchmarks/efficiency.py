@@ -92,8 +92,16 @@ class Backbone:
 
 def vilt(tiny: bool, batch_size: int) -> Backbone:
     if tiny:
-        config = T.ViltConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-                              image_size=64, patch_size=16, vocab_size=99, num_labels=10)
+        config = T.ViltConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=37,
+            image_size=64,
+            patch_size=16,
+            vocab_size=99,
+            num_labels=10,
+        )
     else:
         config = T.ViltConfig(num_labels=3129)  # ViLT-B/32, VQAv2 answer vocabulary
     config.max_image_length = -1  # keep every patch: 145 image tokens at 384x384
@@ -104,10 +112,15 @@ def vilt(tiny: bool, batch_size: int) -> Backbone:
         "pixel_values": torch.randn(batch_size, 3, side, side),
     }
     return Backbone(
-        "ViLT", f"ViLT-B/32 sized: d={config.hidden_size}, {config.num_hidden_layers} layers, {TEXT_TOKENS} text + "
+        "ViLT",
+        f"ViLT-B/32 sized: d={config.hidden_size}, {config.num_hidden_layers} layers, {TEXT_TOKENS} text + "
         f"{(side // config.patch_size) ** 2 + 1} image tokens ({side}x{side}), batch {batch_size}",
-        model, inputs, "classifier",
-        [f"vilt.encoder.layer.{i}" for i in range(config.num_hidden_layers)], ["query", "value"], config.hidden_size,
+        model,
+        inputs,
+        "classifier",
+        [f"vilt.encoder.layer.{i}" for i in range(config.num_hidden_layers)],
+        ["query", "value"],
+        config.hidden_size,
     )
 
 
@@ -117,7 +130,8 @@ def bridgetower(tiny: bool, batch_size: int) -> Backbone:
         config = T.BridgeTowerConfig(
             text_config=dict(hidden_size=64, vocab_size=99, **small),
             vision_config=dict(hidden_size=64, num_hidden_layers=2, image_size=32, patch_size=8),
-            hidden_size=64, **small,
+            hidden_size=64,
+            **small,
         )
     else:
         config = T.BridgeTowerConfig()  # bridgetower-base: RoBERTa-base + CLIP ViT-B/16 at 288x288, 6 fusion layers
@@ -129,10 +143,13 @@ def bridgetower(tiny: bool, batch_size: int) -> Backbone:
     }
     layers = config.num_hidden_layers
     return Backbone(
-        "BridgeTower", f"BridgeTower-base sized: d={config.hidden_size}, {layers}+{layers} cross-modal layers "
+        "BridgeTower",
+        f"BridgeTower-base sized: d={config.hidden_size}, {layers}+{layers} cross-modal layers "
         f"(APT on their {4 * layers} attention modules), {TEXT_TOKENS} text + {(side // patch) ** 2 + 1} image "
         f"tokens ({side}x{side}), batch {batch_size}",
-        model, inputs, "itm_score",
+        model,
+        inputs,
+        "itm_score",
         [f"bridgetower.cross_modal_{stream}_layers.{i}" for stream in ("text", "image") for i in range(layers)],
         r".*cross_modal_(text|image)_layers\.\d+\.(attention|crossattention)\.self\.(query|value)",
         config.hidden_size,
@@ -170,12 +187,14 @@ def make_variant(backbone: Backbone, method: str, num_prompts: int = 0) -> Varia
     model = share_frozen_copy(backbone.model, backbone.head)
     model.requires_grad_(False)
     if method == "LoRA":
-        config = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=backbone.lora_targets,
-                            modules_to_save=[backbone.head])
+        config = LoraConfig(
+            r=RANK, lora_alpha=2 * RANK, target_modules=backbone.lora_targets, modules_to_save=[backbone.head]
+        )
         model = get_peft_model(model, config)
     elif method == "APT":
-        config = APTConfig(num_prompts=num_prompts, r=RANK, target_modules=backbone.apt_targets,
-                           modules_to_save=[backbone.head])
+        config = APTConfig(
+            num_prompts=num_prompts, r=RANK, target_modules=backbone.apt_targets, modules_to_save=[backbone.head]
+        )
         model = get_peft_model(model, config)
     elif method == "deep prompt":
         layers = [model.get_submodule(path) for path in backbone.prompt_layers]
@@ -197,9 +216,11 @@ def record_apt_inputs(variant: Variant) -> list:
     handles = []
     for module in variant.model.modules():
         if isinstance(module, APTLayer):
+
             def log(module, args, kwargs):
                 query = kwargs.get(module.query_argument, args[0] if args else None)
                 variant.apt_inputs.append((query.shape[:-1].numel(), module.num_prompts["default"], query.shape[-1]))
+
             handles.append(module.register_forward_pre_hook(log, with_kwargs=True))
     return handles
 
@@ -343,8 +364,14 @@ def to_device(backbone: Backbone, device: torch.device, dtype: torch.dtype) -> N
     }
 
 
-def benchmark_backbone(backbone: Backbone, prompt_counts: list[int], repetitions: int, device: torch.device,
-                       baselines: tuple[str, ...] = ("frozen", "head-only", "LoRA"), warmup: int = 1) -> dict:
+def benchmark_backbone(
+    backbone: Backbone,
+    prompt_counts: list[int],
+    repetitions: int,
+    device: torch.device,
+    baselines: tuple[str, ...] = ("frozen", "head-only", "LoRA"),
+    warmup: int = 1,
+) -> dict:
     """
     Every method on `backbone`: `baselines` (frozen first), then deep prompt and APT for each p. Inference times are
     relative to the frozen model, training steps to head-only where it is among the baselines, else to LoRA. Peak
@@ -360,8 +387,11 @@ def benchmark_backbone(backbone: Backbone, prompt_counts: list[int], repetitions
         flops = forward_flops(variant)
         analytic = sum(4 * tokens * p * d for tokens, p, d in variant.apt_inputs)
         rows[variant.name] = dict(
-            params=variant.added_params, flops=flops, analytic=analytic,
-            step_flops=training_step_flops(variant) if variant.steps else None, saved=saved_activation_bytes(variant),
+            params=variant.added_params,
+            flops=flops,
+            analytic=analytic,
+            step_flops=training_step_flops(variant) if variant.steps else None,
+            saved=saved_activation_bytes(variant),
         )
     times = interleaved_times(variants, repetitions, device, warmup)
     for variant in variants:
@@ -372,8 +402,10 @@ def benchmark_backbone(backbone: Backbone, prompt_counts: list[int], repetitions
         for kind, reference in references.items():
             if times[name][kind]["wall"]:
                 row[kind] = {
-                    clock: (1e3 * statistics.median(times[name][kind][clock]),
-                            median_ratio(times, kind, name, reference, clock))
+                    clock: (
+                        1e3 * statistics.median(times[name][kind][clock]),
+                        median_ratio(times, kind, name, reference, clock),
+                    )
                     for clock in clocks(device)
                 }
     summary = {}
@@ -396,10 +428,7 @@ def benchmark_backbone(backbone: Backbone, prompt_counts: list[int], repetitions
             summary[key] = {clock: ratios(times, kind, numerator, denominator, clock) for clock in clocks(device)}
             flops = "step_flops" if kind == "step" else "flops"
             summary[key]["FLOPs"] = [rows[numerator][flops] / rows[denominator][flops]]
-    return dict(rows=rows, summary=summary, repetitions=repetitions, references=references,
-                out_of_memory=out_of_memory)
-
-
+    return dict(rows=rows, summary=summary, repetitions=repetitions, references=references, out_of_memory=out_of_memory)
 
 
 class LayerStack(nn.Module):
@@ -418,16 +447,20 @@ class LayerStack(nn.Module):
 
     def forward(self) -> torch.Tensor:
         hidden_states = self.hidden_states
-        with (torch.autocast(hidden_states.device.type, dtype=self.autocast) if self.autocast
-              else contextlib.nullcontext()):
+        with (
+            torch.autocast(hidden_states.device.type, dtype=self.autocast)
+            if self.autocast
+            else contextlib.nullcontext()
+        ):
             for layer in self.layers:
                 output = layer(hidden_states)
                 hidden_states = output[0] if isinstance(output, tuple) else output
         return hidden_states
 
 
-def sweep_layer(vary: str, values: list[int], fixed: dict, args: argparse.Namespace, device: torch.device,
-                dtype: torch.dtype) -> dict:
+def sweep_layer(
+    vary: str, values: list[int], fixed: dict, args: argparse.Namespace, device: torch.device, dtype: torch.dtype
+) -> dict:
     """How each method's added FLOPs and training-step time grow with p or n, on one ViLT-sized layer."""
     config = T.ViltConfig(hidden_size=32, num_attention_heads=2, intermediate_size=37) if args.tiny else T.ViltConfig()
     d = config.hidden_size
@@ -437,8 +470,18 @@ def sweep_layer(vary: str, values: list[int], fixed: dict, args: argparse.Namesp
         setting = {**fixed, vary: value}
         layer = T.models.vilt.modeling_vilt.ViltLayer(config).to(device=device, dtype=dtype)
         hidden_states = torch.randn(args.batch_size, setting["n"], d, device=device, dtype=dtype, requires_grad=True)
-        backbone = Backbone("layer", "", LayerStack([layer], hidden_states), {}, "head", ["layers.0"],
-                            ["query", "value"], d, apt_targets=["attention"], input_needs_grad=True)
+        backbone = Backbone(
+            "layer",
+            "",
+            LayerStack([layer], hidden_states),
+            {},
+            "head",
+            ["layers.0"],
+            ["query", "value"],
+            d,
+            apt_targets=["attention"],
+            input_needs_grad=True,
+        )
         backbone.model.requires_grad_(False)
         variants = [make_variant(backbone, "frozen"), make_variant(backbone, "LoRA")]
         variants += [make_variant(backbone, method, setting["p"]) for method in ("deep prompt", "APT")]
@@ -471,8 +514,15 @@ def format_time(measured: dict, reference: str) -> str:
 def backbone_markdown(title: str, description: str, result: dict, device: torch.device) -> str:
     rows, frozen = result["rows"], result["rows"]["frozen"]
     step_reference = result.get("references", {}).get("step", "head-only")
-    header = ["method", "added params", "added fwd FLOPs", "fwd FLOPs vs frozen", "saved for backward",
-              f"inference ({clocks(device)[0]} time)", f"training step ({clocks(device)[0]} time)"]
+    header = [
+        "method",
+        "added params",
+        "added fwd FLOPs",
+        "fwd FLOPs vs frozen",
+        "saved for backward",
+        f"inference ({clocks(device)[0]} time)",
+        f"training step ({clocks(device)[0]} time)",
+    ]
     if device.type == "cuda":
         header += ["peak inference memory", f"peak step memory (x {step_reference})"]
     table = []
@@ -490,16 +540,19 @@ def backbone_markdown(title: str, description: str, result: dict, device: torch.
         if device.type == "cuda":
             peak, reference_peak = row["peak"], rows.get(step_reference, {}).get("peak")
             line.append(format_count(row["infer_peak"], "B"))
-            line.append("" if peak is None else format_count(peak, "B") + (
-                f" ({peak / reference_peak:.3f}x)" if reference_peak else ""))
+            line.append(
+                ""
+                if peak is None
+                else format_count(peak, "B") + (f" ({peak / reference_peak:.3f}x)" if reference_peak else "")
+            )
         table.append(line)
-    missing = f" Out of CUDA memory, left out: {', '.join(result['out_of_memory'])}." if result.get(
-        "out_of_memory") else ""
+    missing = (
+        f" Out of CUDA memory, left out: {', '.join(result['out_of_memory'])}." if result.get("out_of_memory") else ""
+    )
     return (
         f"### {title}\n\n{description}; frozen forward {format_count(frozen['flops'])}FLOPs. "
         f"Times: medians over {result['repetitions']} interleaved repetitions; ratios are medians of "
-        f"per-repetition ratios.{missing}\n\n"
-        + markdown_table(header, table)
+        f"per-repetition ratios.{missing}\n\n" + markdown_table(header, table)
     )
 
 
@@ -528,15 +581,27 @@ def judge(targets_list: list[tuple[str, str, float, str]], summary: dict, device
     return judged
 
 
-def targets_markdown(targets_list: list[tuple[str, str, float, str]], summary: dict, device: torch.device,
-                     title: str = "target (ViLT)") -> str:
+def targets_markdown(
+    targets_list: list[tuple[str, str, float, str]], summary: dict, device: torch.device, title: str = "target (ViLT)"
+) -> str:
     primary, *others = clocks(device) + ["FLOPs"]
-    table = [[item["description"], format_spread(item["measured"][primary]),
-              *(format_spread(item["measured"][c]) if c in item["measured"] else "" for c in others),
-              item["target"], "holds" if item["holds"] else "**missed**"]
-             for item in judge(targets_list, summary, device)]
-    header = [title, f"measured ({primary} time for times)", *(f"{c} time" if c != "FLOPs" else
-              "FLOP ratio of the same (deterministic)" for c in others), "target", ""]
+    table = [
+        [
+            item["description"],
+            format_spread(item["measured"][primary]),
+            *(format_spread(item["measured"][c]) if c in item["measured"] else "" for c in others),
+            item["target"],
+            "holds" if item["holds"] else "**missed**",
+        ]
+        for item in judge(targets_list, summary, device)
+    ]
+    header = [
+        title,
+        f"measured ({primary} time for times)",
+        *(f"{c} time" if c != "FLOPs" else "FLOP ratio of the same (deterministic)" for c in others),
+        "target",
+        "",
+    ]
     return markdown_table(header, table)
 
 
@@ -565,8 +630,11 @@ def sweeps_markdown(sweeps: list) -> str:
         methods = list(sweep["flops"])
         header = [sweep["variable"], *(f"{m} GFLOPs" for m in methods), *(f"{m} step" for m in sweep["step"])]
         table = [
-            [str(value), *(f"{sweep['flops'][m][i]:.3f}" for m in methods),
-             *(f"{sweep['step'][m][i]:.3f}x" for m in sweep["step"])]
+            [
+                str(value),
+                *(f"{sweep['flops'][m][i]:.3f}" for m in methods),
+                *(f"{sweep['step'][m][i]:.3f}x" for m in sweep["step"]),
+            ]
             for i, value in enumerate(sweep["values"])
         ]
         parts.append(f"{sweep['title']}:\n\n" + markdown_table(header, table))
@@ -578,12 +646,20 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny models and one repetition: a smoke test")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads; 1 keeps timings stable when other jobs share the cores")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads; 1 keeps timings stable when other jobs share the cores",
+    )
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--repetitions", type=int, default=5, help="interleaved timed repetitions on ViLT")
-    parser.add_argument("--bridgetower-repetitions", type=int, default=1,
-                        help="the same on BridgeTower, 3x the cost per repetition and no targets")
+    parser.add_argument(
+        "--bridgetower-repetitions",
+        type=int,
+        default=1,
+        help="the same on BridgeTower, 3x the cost per repetition and no targets",
+    )
     parser.add_argument("--prompts", type=int, nargs=2, default=[200, 50], help="p for the tables: large, small")
     parser.add_argument("--sweep-prompts", type=int, nargs="+", default=[10, 25, 50, 100, 200, 400])
     parser.add_argument("--sweep-tokens", type=int, nargs="+", default=[64, 185, 400, 800])

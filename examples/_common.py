@@ -22,12 +22,12 @@ def accelerator_available() -> bool:
     return torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
 
 
-# Trainer defaults that fit APT: its recipe (docs/initialisation.md, "The stable recipe"), a learning rate in the
-# 1e-3 to 3e-3 range LoRA uses with a linear warm-up over the first 10% of the steps, frequent loss logs, and the batch keys our collators
-# build (Trainer would otherwise drop them). `ddp_find_unused_parameters=False`: every trainable parameter takes part
-# in each forward, and DDP then raises instead of silently paying for a graph traversal if one ever does not.
-# `use_cpu` without an accelerator: processes started by torchrun (examples/accelerate/cpu_2proc.yaml) are not told to
-# use the CPU, and would otherwise each train alone instead of joining a gloo group.
+# Trainer defaults that fit APT: its recipe (docs/initialisation.md, "The stable recipe"), a learning rate in the 1e-3
+# to 3e-3 range LoRA uses with a linear warm-up over the first 10% of the steps, frequent loss logs, and the batch
+# keys our collators build (Trainer would otherwise drop them). `ddp_find_unused_parameters=False`: every trainable
+# parameter takes part in each forward, and DDP then raises instead of silently paying for a graph traversal if one
+# ever does not. `use_cpu` without an accelerator: processes started by torchrun (examples/accelerate/cpu_2proc.yaml)
+# are not told to use the CPU, and would otherwise each train alone instead of joining a gloo group.
 TRAINING_DEFAULTS = dict(
     learning_rate=2e-3,
     warmup_steps=0.1,
@@ -151,8 +151,9 @@ def end_processes(trainer: Trainer) -> None:
     if wrapped is not None and wrapped() is not None:
         gc.collect()
         if wrapped() is not None:
-            raise RuntimeError(f"{type(wrapped()).__name__} is still referenced: its process group would outlive "
-                               "destroy_process_group")
+            raise RuntimeError(
+                f"{type(wrapped()).__name__} is still referenced: its process group would outlive destroy_process_group"
+            )
     trainer.accelerator.end_training()
     if trainer.is_world_process_zero():
         print("process group destroyed")

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from _common import SHORT_RUN_DEFAULTS, end_processes, report_processes, parse_args as parse_common_args
+from _common import SHORT_RUN_DEFAULTS, end_processes, report_processes
+from _common import parse_args as parse_common_args
 from offline.text import perplexity, stdlib_sources, token_blocks
 from peft import PeftModel, get_peft_model
 from tiny_models import tiny_corpus, tiny_llama, word_tokenizer
@@ -156,7 +157,9 @@ def main(argv=None) -> dict[str, float]:
     main_process = trainer.is_world_process_zero()
     if main_process:
         model.print_trainable_parameters()
-        print(f"{len(train)} training blocks of {args.block_size} tokens; held-out perplexity on {len(held_out)} blocks")
+        print(
+            f"{len(train)} training blocks of {args.block_size} tokens; held-out perplexity on {len(held_out)} blocks"
+        )
     trainer.train()
     report_processes(trainer)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

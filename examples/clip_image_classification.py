@@ -27,7 +27,6 @@ from transformers import (
     set_seed,
 )
 
-
 TINY_IMAGE_SIZE = 32
 
 

@@ -74,7 +74,9 @@ def records(images: torch.Tensor, labels: torch.Tensor) -> list[dict]:
 def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
     model.eval()
     device = next(model.parameters()).device
-    predictions = torch.cat([model(pixel_values=batch.to(device)).logits.argmax(-1).cpu() for batch in images.split(100)])
+    predictions = torch.cat(
+        [model(pixel_values=batch.to(device)).logits.argmax(-1).cpu() for batch in images.split(100)]
+    )
     return float((predictions == labels).float().mean())
 
 
@@ -89,13 +91,20 @@ def main(args: Optional[list[str]] = None) -> dict[str, float]:
         from offline.dinov2 import load_dinov2_small
 
         backbone = load_dinov2_small()
-    splits = load_dataset(script_args.dataset, size=script_args.image_size, n_train=script_args.n_train,
-                          n_test=script_args.n_test, seed=training_args.seed)
+    splits = load_dataset(
+        script_args.dataset,
+        size=script_args.image_size,
+        n_train=script_args.n_train,
+        n_test=script_args.n_test,
+        seed=training_args.seed,
+    )
     train = records(splits.train_images, splits.train_labels)
     test_images, test_labels = splits.test_images, splits.test_labels
-    print(f"{script_args.dataset}: {len(train)} training and {len(test_labels)} held-out images, "
-          f"{len(splits.class_names)} classes, {script_args.image_size}x{script_args.image_size} px; "
-          f"loaded in {time.perf_counter() - start:.0f}s")
+    print(
+        f"{script_args.dataset}: {len(train)} training and {len(test_labels)} held-out images, "
+        f"{len(splits.class_names)} classes, {script_args.image_size}x{script_args.image_size} px; "
+        f"loaded in {time.perf_counter() - start:.0f}s"
+    )
 
     def fit(model, args=training_args):
         trainer = APTTrainer(model=model, args=args, train_dataset=train, head_lr_ratio=script_args.head_lr_ratio)
@@ -123,8 +132,9 @@ def main(args: Optional[list[str]] = None) -> dict[str, float]:
     trainer.save_model(training_args.output_dir)
 
     print(f"\n== Load the adapter from {training_args.output_dir} into a fresh base model")
-    reloaded = PeftModel.from_pretrained(build_model(backbone, splits.class_names, seed=training_args.seed + 1),
-                                         training_args.output_dir)
+    reloaded = PeftModel.from_pretrained(
+        build_model(backbone, splits.class_names, seed=training_args.seed + 1), training_args.output_dir
+    )
     results["APT reloaded"] = accuracy(reloaded, test_images, test_labels)
 
     print(f"\nHeld-out accuracy on {script_args.dataset} ({len(test_labels)} images):")

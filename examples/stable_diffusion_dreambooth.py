@@ -180,8 +180,10 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         """Resize the short side, centre-crop, scale to [-1, 1], channels first."""
         image = Image.open(path).convert("RGB")
         scale = self.resolution / min(image.size)
-        image = image.resize((max(self.resolution, round(image.width * scale)),
-                              max(self.resolution, round(image.height * scale))), Image.BICUBIC)
+        image = image.resize(
+            (max(self.resolution, round(image.width * scale)), max(self.resolution, round(image.height * scale))),
+            Image.BICUBIC,
+        )
         left, top = (image.width - self.resolution) // 2, (image.height - self.resolution) // 2
         image = image.crop((left, top, left + self.resolution, top + self.resolution))
         return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
@@ -190,8 +192,10 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         return max(len(self.instance_images), len(self.class_images))
 
     def __getitem__(self, index: int) -> dict:
-        item = {"pixel_values": self.pixels(self.instance_images[index % len(self.instance_images)]),
-                "input_ids": self.instance_ids}
+        item = {
+            "pixel_values": self.pixels(self.instance_images[index % len(self.instance_images)]),
+            "input_ids": self.instance_ids,
+        }
         if self.class_images:
             item["class_pixel_values"] = self.pixels(self.class_images[index % len(self.class_images)])
             item["class_input_ids"] = self.class_ids

@@ -112,6 +112,12 @@ def tiny_stable_diffusion(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> 
             bos_token_id=tokenizer.eos_token_id,
         )
     )
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                              beta_end=0.012, clip_sample=False, steps_offset=1)
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        steps_offset=1,
+    )
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}

@@ -32,7 +32,6 @@ from transformers import (
 )
 
 
-
 @dataclass
 class VQAArguments(APTArguments):
     model: str = field(default="dandelin/vilt-b32-mlm", metadata={"help": "ViLT hub id or local path."})
@@ -176,6 +175,7 @@ def answer_vocabulary(records: list[dict], min_count: int) -> list[str]:
 
 def baselines(train: list[dict], evaluation: list[dict], label2id: dict[str, int]) -> dict[str, float]:
     """What needs no image: the most frequent answer, and the most frequent answer of each question."""
+
     def accuracy(pick):
         return float(np.mean([vqa_targets(r["answers"], label2id)[label2id[pick(r)]].item() for r in evaluation]))
 

@@ -63,7 +63,9 @@ class APTConfig(PeftConfig):
     """
 
     num_prompts: int = field(default=200, metadata={"help": "Number of approximated prompts per adapted module."})
-    r: int = field(default=4, metadata={"help": "Rank of the low-rank residual mapping prompts to keys; 0 disables it."})
+    r: int = field(
+        default=4, metadata={"help": "Rank of the low-rank residual mapping prompts to keys; 0 disables it."}
+    )
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
         metadata={

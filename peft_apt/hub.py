@@ -44,7 +44,7 @@ from peft import PeftModel
 from transformers import {model_class}
 
 base_model = {model_class}.from_pretrained("{base_id}")
-model = PeftModel.from_pretrained(base_model, "{adapter_id or '<this adapter id or path>'}")
+model = PeftModel.from_pretrained(base_model, "{adapter_id or "<this adapter id or path>"}")
 ```
 """
 
@@ -101,8 +101,10 @@ def push_to_hub(
         self.save_pretrained(folder, **save_kwargs)
         add_apt_to_model_card(self, folder, adapter_id=repo_id, tags=tags or ())
         operations = [
-            CommitOperationAdd(path_in_repo=os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/"),
-                               path_or_fileobj=os.path.join(root, name))
+            CommitOperationAdd(
+                path_in_repo=os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/"),
+                path_or_fileobj=os.path.join(root, name),
+            )
             for root, _, names in os.walk(folder)
             for name in names
         ]

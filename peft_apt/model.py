@@ -145,8 +145,9 @@ class APTModel(BaseTuner):
     def _check_merge_allowed(self) -> None:
         raise ValueError(MERGE_ERROR)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         """Refuse APT weights that do not fit this model instead of silently skipping or keeping random ones."""
         check_apt_state_dict(self, {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)})
         super()._load_from_state_dict(

@@ -98,8 +98,11 @@ def _layers(pattern, n=2):
 FAMILIES = {
     "vilt": Family(
         "vilt",
-        _seeded(lambda: T.ViltModel(T.ViltConfig(hidden_size=32, image_size=32, patch_size=8, max_image_length=-1,
-                                                 vocab_size=99, **SMALL))),
+        _seeded(
+            lambda: T.ViltModel(
+                T.ViltConfig(hidden_size=32, image_size=32, patch_size=8, max_image_length=-1, vocab_size=99, **SMALL)
+            )
+        ),
         lambda: {**_text(), "pixel_values": _pixels()},
         [Layout(_layers("encoder.layer.{}.attention"), "output.dense")],
         32,
@@ -120,63 +123,104 @@ FAMILIES = {
     ),
     "bridgetower": Family(
         "bridgetower",
-        _seeded(lambda: T.BridgeTowerModel(T.BridgeTowerConfig(
-            text_config=dict(hidden_size=64, vocab_size=99, **SMALL),
-            vision_config=dict(hidden_size=64, num_hidden_layers=2, image_size=32, patch_size=8),
-            hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37))),
+        _seeded(
+            lambda: T.BridgeTowerModel(
+                T.BridgeTowerConfig(
+                    text_config=dict(hidden_size=64, vocab_size=99, **SMALL),
+                    vision_config=dict(hidden_size=64, num_hidden_layers=2, image_size=32, patch_size=8),
+                    hidden_size=64,
+                    num_hidden_layers=2,
+                    num_attention_heads=2,
+                    intermediate_size=37,
+                )
+            )
+        ),
         lambda: {**_text(), "pixel_values": _pixels()},
-        [Layout([f"cross_modal_{side}_layers.{i}.{kind}" for side in ("image", "text") for i in range(2)
-                 for kind in ("attention", "crossattention")], "output.dense")],
+        [
+            Layout(
+                [
+                    f"cross_modal_{side}_layers.{i}.{kind}"
+                    for side in ("image", "text")
+                    for i in range(2)
+                    for kind in ("attention", "crossattention")
+                ],
+                "output.dense",
+            )
+        ],
         64,
     ),
     "clip": Family(
         "clip",
-        _seeded(lambda: T.CLIPModel(T.CLIPConfig(
-            text_config=dict(hidden_size=32, vocab_size=99, bos_token_id=0, eos_token_id=2, **SMALL),
-            vision_config=dict(hidden_size=48, image_size=32, patch_size=8, **SMALL), projection_dim=16))),
+        _seeded(
+            lambda: T.CLIPModel(
+                T.CLIPConfig(
+                    text_config=dict(hidden_size=32, vocab_size=99, bos_token_id=0, eos_token_id=2, **SMALL),
+                    vision_config=dict(hidden_size=48, image_size=32, patch_size=8, **SMALL),
+                    projection_dim=16,
+                )
+            )
+        ),
         lambda: {**_text(), "pixel_values": _pixels()},
-        [Layout([f"{tower}_model.encoder.layers.{i}.self_attn" for tower in ("text", "vision") for i in range(2)],
-                "out_proj")],
+        [
+            Layout(
+                [f"{tower}_model.encoder.layers.{i}.self_attn" for tower in ("text", "vision") for i in range(2)],
+                "out_proj",
+            )
+        ],
         [32, 32, 48, 48],
     ),
     "clip_vision_model": Family(
         "clip_vision_model",
         _seeded(lambda: T.CLIPVisionModel(T.CLIPVisionConfig(hidden_size=48, image_size=32, patch_size=8, **SMALL))),
         lambda: {"pixel_values": _pixels()},
-        [Layout(_layers("encoder.layers.{}.self_attn"), "out_proj"),  # newer transformers releases
-         Layout(_layers("vision_model.encoder.layers.{}.self_attn"), "out_proj")],
+        [
+            Layout(_layers("encoder.layers.{}.self_attn"), "out_proj"),  # newer transformers releases
+            Layout(_layers("vision_model.encoder.layers.{}.self_attn"), "out_proj"),
+        ],
         48,
     ),
     "clip_text_model": Family(
         "clip_text_model",
-        _seeded(lambda: T.CLIPTextModel(T.CLIPTextConfig(
-            hidden_size=32, vocab_size=99, bos_token_id=0, eos_token_id=2, **SMALL))),
+        _seeded(
+            lambda: T.CLIPTextModel(
+                T.CLIPTextConfig(hidden_size=32, vocab_size=99, bos_token_id=0, eos_token_id=2, **SMALL)
+            )
+        ),
         _text,
-        [Layout(_layers("encoder.layers.{}.self_attn"), "out_proj"),  # newer transformers releases
-         Layout(_layers("text_model.encoder.layers.{}.self_attn"), "out_proj")],
+        [
+            Layout(_layers("encoder.layers.{}.self_attn"), "out_proj"),  # newer transformers releases
+            Layout(_layers("text_model.encoder.layers.{}.self_attn"), "out_proj"),
+        ],
         32,
     ),
     "vit": Family(
         "vit",
         _seeded(lambda: T.ViTModel(T.ViTConfig(hidden_size=32, image_size=32, patch_size=8, **SMALL))),
         lambda: {"pixel_values": _pixels()},
-        [Layout(_layers("layers.{}.attention"), "o_proj"),  # newer transformers releases
-         Layout(_layers("encoder.layer.{}.attention"), "output.dense")],
+        [
+            Layout(_layers("layers.{}.attention"), "o_proj"),  # newer transformers releases
+            Layout(_layers("encoder.layer.{}.attention"), "output.dense"),
+        ],
         32,
     ),
     "dinov2": Family(
         "dinov2",
         _seeded(lambda: T.Dinov2Model(T.Dinov2Config(hidden_size=32, image_size=32, patch_size=8, **SMALL))),
         lambda: {"pixel_values": _pixels()},
-        [Layout(_layers("encoder.layer.{}.attention"), "o_proj"),  # from transformers 5.18 on
-         Layout(_layers("encoder.layer.{}.attention"), "output.dense")],
+        [
+            Layout(_layers("encoder.layer.{}.attention"), "o_proj"),  # from transformers 5.18 on
+            Layout(_layers("encoder.layer.{}.attention"), "output.dense"),
+        ],
         32,
     ),
     **{
         name: Family(
             name,
-            _seeded(lambda config_cls=config_cls, model_cls=model_cls: model_cls(config_cls(
-                hidden_size=32, num_key_value_heads=1, vocab_size=99, **SMALL))),
+            _seeded(
+                lambda config_cls=config_cls, model_cls=model_cls: model_cls(
+                    config_cls(hidden_size=32, num_key_value_heads=1, vocab_size=99, **SMALL)
+                )
+            ),
             lambda: _text(mask=False),
             [Layout(_layers("model.layers.{}.self_attn"), "o_proj")],
             32,

@@ -81,6 +81,11 @@ def adapter_tensors(peft_model, paths, adapter_name: str = "default"):
     out = {}
     for path in paths:
         layer = peft_model.base_model.model.get_submodule(path)
-        tensors = (layer.prompts(adapter_name), layer.apt_W1[adapter_name], layer.W2(adapter_name), layer.apt_s[adapter_name])
+        tensors = (
+            layer.prompts(adapter_name),
+            layer.apt_W1[adapter_name],
+            layer.W2(adapter_name),
+            layer.apt_s[adapter_name],
+        )
         out[path] = tuple(tensor.detach().clone() for tensor in tensors)
     return out

@@ -17,9 +17,8 @@ from benchmarks.baselines import (
     set_backbone_trainable,
     vpt_init_bound,
 )
-from examples.offline.images import load_digits, load_textile
 from examples.offline.dinov2 import IMAGE_MEAN, prepare_pixels
-
+from examples.offline.images import load_digits, load_textile
 
 HIDDEN, LAYERS, PATCH, IMAGE = 32, 2, 14, 56  # 4x4 patches + CLS = 17 tokens
 NUM_PROMPTS = 3
@@ -140,8 +139,9 @@ def test_vpt_deep_keeps_attention_mask_aligned(attn_implementation):
 def test_vpt_deep_prompts_follow_their_layers_device_and_dtype(where):
     """Prompts added to a model already moved (to CUDA, say) are created where its layers are. On `meta`, any tensor
     left on the CPU fails the forward, as CPU prompts joined to CUDA hidden states did in `gpu_check.sh`."""
-    layers = torch.nn.ModuleList(ViltLayer(ViltConfig(hidden_size=HIDDEN, num_attention_heads=2, intermediate_size=37))
-                                 for _ in range(LAYERS)).to(**where)
+    layers = torch.nn.ModuleList(
+        ViltLayer(ViltConfig(hidden_size=HIDDEN, num_attention_heads=2, intermediate_size=37)) for _ in range(LAYERS)
+    ).to(**where)
     deep_prompts = DeepPrompts(layers, NUM_PROMPTS, HIDDEN, init_bound=0.02)
     expected = (torch.device(where.get("device", "cpu")), where.get("dtype", torch.float32))
     assert (deep_prompts.prompts.device, deep_prompts.prompts.dtype) == expected

@@ -16,7 +16,11 @@ def test_efficiency_tiny_writes_its_section_and_plot(tmp_path):
     try:
         subprocess.run(
             [sys.executable, "-m", "benchmarks.efficiency", "--tiny", "--output-dir", str(tmp_path)],
-            cwd=ROOT, check=True, capture_output=True, text=True, timeout=300,  # a hang guard (120 s was hit under load)
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=300,  # a hang guard (120 s was hit under load)
         )
     except subprocess.CalledProcessError as error:
         pytest.fail(f"efficiency.py --tiny failed:\n{error.stderr[-3000:]}")
@@ -33,8 +37,20 @@ def test_efficiency_layers_tiny_measures_every_method_and_batch_size(tmp_path):
     the same section from the JSON."""
     from benchmarks.efficiency_layers import gpu_targets
 
-    command = [sys.executable, "-m", "benchmarks.efficiency_layers", "--device", "cpu", "--tiny", "--threads", "1",
-               "--compile-backend", "eager", "--output-dir", str(tmp_path)]  # dynamo alone: the quickest compile
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.efficiency_layers",
+        "--device",
+        "cpu",
+        "--tiny",
+        "--threads",
+        "1",
+        "--compile-backend",
+        "eager",
+        "--output-dir",
+        str(tmp_path),
+    ]  # dynamo alone: the quickest compile
     try:
         run = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
     except subprocess.CalledProcessError as error:
@@ -57,8 +73,9 @@ def test_efficiency_layers_tiny_measures_every_method_and_batch_size(tmp_path):
             for key in (f"infer_apt_base_{p}", f"step_apt_lora_{p}", f"step_deep_apt_{p}"):
                 assert all(ratio > 0 for ratio in batch["summary"][key]["cpu"])
     assert record["batches"]["4"]["repetitions"] == 1 and record["batches"]["2"]["repetitions"] == 2
-    verdicts = sorted(line.split(": ")[0].split(" ", 1)[1] for line in run.stdout.splitlines()
-                      if line.startswith(("PASS ", "FAIL ")))
+    verdicts = sorted(
+        line.split(": ")[0].split(" ", 1)[1] for line in run.stdout.splitlines() if line.startswith(("PASS ", "FAIL "))
+    )
     assert verdicts == sorted(description for description, *_ in gpu_targets(8, 2) if "memory" not in description)
 
     assert [profile["method"] for profile in record["profiles"]] == ["APT p=8", "LoRA"]
@@ -66,8 +83,14 @@ def test_efficiency_layers_tiny_measures_every_method_and_batch_size(tmp_path):
         assert len(profile["top"]) == 15 and profile["total_ms"] > 0
         assert sum(item["share"] for item in profile["top"]) <= 1 + 1e-9
     compiled = record["compiled"]
-    assert list(compiled["rows"]) == ["frozen", "frozen compiled", "LoRA", "LoRA compiled", "APT p=8",
-                                      "APT p=8 compiled"]
+    assert list(compiled["rows"]) == [
+        "frozen",
+        "frozen compiled",
+        "LoRA",
+        "LoRA compiled",
+        "APT p=8",
+        "APT p=8 compiled",
+    ]
     assert compiled["compile_seconds"]["APT p=8 compiled"]["step"] > 0
     assert compiled["rows"]["APT p=8 compiled"]["step"]["vs_eager"] > 0
     assert compiled["rows"]["LoRA compiled"]["infer"]["vs_reference"] > 0
@@ -77,17 +100,29 @@ def test_efficiency_layers_tiny_measures_every_method_and_batch_size(tmp_path):
         assert expected in text
     again = tmp_path / "again"
     again.mkdir()
-    subprocess.run([sys.executable, "-m", "benchmarks.efficiency_layers", "--report-only",
-                    str(tmp_path / "efficiency_layers.json"), "--output-dir", str(again)],
-                   cwd=ROOT, check=True, capture_output=True, text=True, timeout=120)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.efficiency_layers",
+            "--report-only",
+            str(tmp_path / "efficiency_layers.json"),
+            "--output-dir",
+            str(again),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert (again / "RESULTS.md").read_text() == text
 
 
 def test_efficiency_layers_deadline_skips_what_would_end_past_it(tmp_path):
     from benchmarks.efficiency_layers import measure, parse_args
 
-    args = parse_args(["--device", "cpu", "--tiny", "--deadline", "0", "--output-dir",
-                       str(tmp_path)])
+    args = parse_args(["--device", "cpu", "--tiny", "--deadline", "0", "--output-dir", str(tmp_path)])
     record = measure(args)
     assert list(record["batches"]) == ["4"] and record["skipped"] == ["batch 2", "batch 8"]
     assert record["compiled"]["rows"] == {} and record["compiled"]["skipped"] == ["frozen", "LoRA", "APT p=8"]
@@ -99,6 +134,10 @@ def test_accuracy_plot(tmp_path):
     from benchmarks.plots import plot_accuracy_vs_flops
 
     path = tmp_path / "figure1.png"
-    plot_accuracy_vs_flops({"APT p=200": 0.9, "deep prompt p=200": 5.1, "LoRA": 0.0}, {"APT p=200": 70.9,
-                           "deep prompt p=200": 69.3, "LoRA": 68.4, "head-only": 60.0}, path, title="ViLT, VQAv2")
+    plot_accuracy_vs_flops(
+        {"APT p=200": 0.9, "deep prompt p=200": 5.1, "LoRA": 0.0},
+        {"APT p=200": 70.9, "deep prompt p=200": 69.3, "LoRA": 68.4, "head-only": 60.0},
+        path,
+        title="ViLT, VQAv2",
+    )
     assert path.stat().st_size > 0

@@ -8,7 +8,9 @@ from benchmarks.causal_lm_quality import METHODS, main
 
 
 def records(folder):
-    return [json.loads(line) for path in sorted(folder.glob("causal-lm-*.jsonl")) for line in path.read_text().splitlines()]
+    return [
+        json.loads(line) for path in sorted(folder.glob("causal-lm-*.jsonl")) for line in path.read_text().splitlines()
+    ]
 
 
 def test_causal_lm_sweep_runs_reuses_records_and_adds_recipes(tmp_path):
@@ -18,7 +20,9 @@ def test_causal_lm_sweep_runs_reuses_records_and_adds_recipes(tmp_path):
     first = records(tmp_path)
     assert sorted(r["method"] for r in first) == sorted(METHODS)
     frozen = first[0]["frozen_perplexity"]
-    assert all(math.isfinite(r["perplexity"]) and r["perplexity"] > 1 and r["frozen_perplexity"] == frozen for r in first)
+    assert all(
+        math.isfinite(r["perplexity"]) and r["perplexity"] > 1 and r["frozen_perplexity"] == frozen for r in first
+    )
     # lr 1e-2 on a random tiny Llama: every method moves the held-out perplexity
     assert all(r["perplexity"] != frozen for r in first)
     assert {r["trainable_parameters"] > 0 for r in first} == {True}
@@ -26,7 +30,7 @@ def test_causal_lm_sweep_runs_reuses_records_and_adds_recipes(tmp_path):
     main([*common, "--apt", "APT p=8", '{"num_prompts": 8}'])
     second = records(tmp_path)
     assert second[: len(first)] == first  # nothing rerun
-    added = second[len(first):]
+    added = second[len(first) :]
     assert [r["method"] for r in added] == ["APT p=8"] and "num_prompts=8" in results.read_text()
 
     text = results.read_text()
@@ -44,11 +48,20 @@ def test_config_keys_do_not_depend_on_the_hash_seed():
     import sys
     from pathlib import Path
 
-    code = "from benchmarks.causal_lm_quality import METHODS, config_key; print([config_key(m()) for m in METHODS.values()])"
+    code = (
+        "from benchmarks.causal_lm_quality import METHODS, config_key; "
+        "print([config_key(m()) for m in METHODS.values()])"
+    )
     root = Path(__file__).resolve().parents[1]
     outputs = {
-        subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
-                       env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+        subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        ).stdout
         for seed in ("1", "2", "3")
     }
     assert len(outputs) == 1 and len(eval(outputs.pop())) == len(METHODS)

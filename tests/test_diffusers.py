@@ -15,11 +15,11 @@ from diffusers.models.attention_processor import (  # noqa: E402
     AttnProcessor2_0,
     FusedAttnProcessor2_0,
 )
-from examples.tiny_models import tiny_unet  # noqa: E402
 from families import Family, Layout  # noqa: E402
 from peft import PeftModel, get_peft_model  # noqa: E402
 from reference import adapter_tensors, randomise_adapter, reference_hooks, run  # noqa: E402
 
+from examples.tiny_models import tiny_unet  # noqa: E402
 from peft_apt import APTConfig, APTLayer  # noqa: E402
 
 
@@ -47,8 +47,11 @@ UNET = Family(
     "unet2d_condition",
     build_unet,
     unet_inputs,
-    [Layout([f"{block}.transformer_blocks.0.{attn}" for block, _ in BLOCKS for attn in ("attn1", "attn2")],
-            "to_out.0")],
+    [
+        Layout(
+            [f"{block}.transformer_blocks.0.{attn}" for block, _ in BLOCKS for attn in ("attn1", "attn2")], "to_out.0"
+        )
+    ],
     [d for _, d in BLOCKS for _ in ("attn1", "attn2")],
 )
 
@@ -167,7 +170,6 @@ def test_diffusers_add_adapter_uses_apt():
     assert sorted(n for n, m in unet.named_modules() if isinstance(m, APTLayer)) == sorted(UNET.attention_paths)
     trainable = [n for n, p in unet.named_parameters() if p.requires_grad]
     assert trainable and all(".apt_" in n for n in trainable)
-
 
 
 def test_diffusers_set_adapters_switches_apt_adapters_and_refuses_weights():

@@ -50,8 +50,10 @@ def test_targeting_a_projection_instead_of_an_attention_module_is_an_error():
 
 
 def test_layers_to_transform_restricts_the_adapted_blocks():
-    model = get_peft_model(BERT.build(), APTConfig(num_prompts=4, layers_to_transform=[1], layers_pattern="layer",
-                                                   target_modules=["attention"]))
+    model = get_peft_model(
+        BERT.build(),
+        APTConfig(num_prompts=4, layers_to_transform=[1], layers_pattern="layer", target_modules=["attention"]),
+    )
     assert model.base_model.targeted_module_names == ["encoder.layer.1.attention"]
 
 
@@ -69,8 +71,11 @@ def saved_adapter(tmp_path):
 
 
 def test_loading_into_another_hidden_size_names_module_and_shapes(saved_adapter):
-    with pytest.raises(ValueError, match=r"encoder\.layer\.0\.attention\.apt_prompt: shape \(4, 32\) in the "
-                                         r"adapter, \(4, 48\) in the model"):
+    with pytest.raises(
+        ValueError,
+        match=r"encoder\.layer\.0\.attention\.apt_prompt: shape \(4, 32\) in the "
+        r"adapter, \(4, 48\) in the model",
+    ):
         PeftModel.from_pretrained(bert(hidden=48), saved_adapter)
 
 

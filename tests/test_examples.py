@@ -16,15 +16,27 @@ def run_example(script: str, *args: str) -> str:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / script), "--tiny", *args],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
 
 def test_causal_lm_tiny_learns_generates_and_reloads(tmp_path):
-    out = run_example("causal_lm.py", "--output_dir", str(tmp_path), "--max_steps", "10", "--learning_rate", "1e-2",
-                      "--disable_tqdm", "true")
+    out = run_example(
+        "causal_lm.py",
+        "--output_dir",
+        str(tmp_path),
+        "--max_steps",
+        "10",
+        "--learning_rate",
+        "1e-2",
+        "--disable_tqdm",
+        "true",
+    )
     first, last = map(float, re.search(r"first logged ([\d.]+), last logged ([\d.]+)", out).groups())
     assert last < first - 0.1
     perplexity = {name: float(value) for name, value in re.findall(r"held-out perplexity (\w+): ([\d.]+)", out)}
@@ -51,7 +63,11 @@ def test_quickstart_tiny_trains_head_only_and_apt_saves_and_reloads(tmp_path):
 def dreambooth_adapter(tmp_path_factory):
     folder = tmp_path_factory.mktemp("dreambooth")
     out = run_example(
-        "stable_diffusion_dreambooth.py", "--with_prior_preservation", "--max_train_steps", "3", "--output_dir",
+        "stable_diffusion_dreambooth.py",
+        "--with_prior_preservation",
+        "--max_train_steps",
+        "3",
+        "--output_dir",
         str(folder),
     )
     return folder, out

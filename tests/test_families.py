@@ -9,7 +9,7 @@ import pytest
 import torch
 from families import FAMILIES, MHA_FAMILY
 from peft import PeftModel, get_peft_model
-from reference import adapter_tensors, randomise_adapter, run, reference_hooks
+from reference import adapter_tensors, randomise_adapter, reference_hooks, run
 from safetensors import safe_open
 
 from peft_apt import APTConfig, APTLayer
@@ -92,12 +92,15 @@ def test_save_load_round_trip_is_exact(family, tmp_path):
         keys = set(f.keys())
         tensors = {k: f.get_tensor(k) for k in keys}
     expected_keys = {
-        f"base_model.model.{m}.{name}" for m in family.attention_paths
+        f"base_model.model.{m}.{name}"
+        for m in family.attention_paths
         for name in ("apt_prompt", "apt_W1", "apt_W2", "apt_s")
     }
     assert keys == expected_keys
     for m, d in zip(family.attention_paths, family.hidden_sizes):
-        shapes = [tuple(tensors[f"base_model.model.{m}.{n}"].shape) for n in ("apt_prompt", "apt_W1", "apt_W2", "apt_s")]
+        shapes = [
+            tuple(tensors[f"base_model.model.{m}.{n}"].shape) for n in ("apt_prompt", "apt_W1", "apt_W2", "apt_s")
+        ]
         assert shapes == [(P, d), (d, R), (R, d), (1,)]
     header = 8 + int.from_bytes(path.read_bytes()[:8], "little")
     assert path.stat().st_size - header == 4 * sum(P * d + 2 * R * d + 1 for d in family.hidden_sizes)

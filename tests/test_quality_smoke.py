@@ -7,8 +7,23 @@ from benchmarks.quality import METHODS, main
 
 def test_quality_sweep_runs_end_to_end(tmp_path):
     results = tmp_path / "RESULTS.md"
-    main(["--tiny", "--datasets", "digits", "--seeds", "0", "--lrs", "1e-3", "--methods", *METHODS, "--output-dir", str(tmp_path),
-          "--results-md", str(results)])
+    main(
+        [
+            "--tiny",
+            "--datasets",
+            "digits",
+            "--seeds",
+            "0",
+            "--lrs",
+            "1e-3",
+            "--methods",
+            *METHODS,
+            "--output-dir",
+            str(tmp_path),
+            "--results-md",
+            str(results),
+        ]
+    )
     records = [json.loads(line) for line in (tmp_path / "quality-digits.jsonl").read_text().splitlines()]
     assert sorted(r["method"] for r in records) == sorted(METHODS)
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in records)

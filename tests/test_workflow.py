@@ -45,8 +45,19 @@ def assert_adapter_at_top(output_dir: Path):
 
 
 def test_tiny_vqa_learns_beyond_what_the_question_alone_gives(tmp_path, capsys):
-    metrics = vilt_vqa.main(["--tiny", "--max_steps", "250", "--per_device_train_batch_size", "32",
-                             "--output_dir", str(tmp_path), "--disable_tqdm", "true"])
+    metrics = vilt_vqa.main(
+        [
+            "--tiny",
+            "--max_steps",
+            "250",
+            "--per_device_train_batch_size",
+            "32",
+            "--output_dir",
+            str(tmp_path),
+            "--disable_tqdm",
+            "true",
+        ]
+    )
     out = capsys.readouterr().out
     assert "trainable params" in out and "Final VQA accuracy" in out
     evaluation = vilt_vqa.tiny_vqa_records(400, seed=1)
@@ -57,8 +68,19 @@ def test_tiny_vqa_learns_beyond_what_the_question_alone_gives(tmp_path, capsys):
 
 
 def test_tiny_clip_learns_digits(tmp_path, capsys):
-    metrics = clip_image_classification.main(["--tiny", "--max_steps", "250", "--per_device_train_batch_size", "32",
-                                              "--output_dir", str(tmp_path), "--disable_tqdm", "true"])
+    metrics = clip_image_classification.main(
+        [
+            "--tiny",
+            "--max_steps",
+            "250",
+            "--per_device_train_batch_size",
+            "32",
+            "--output_dir",
+            str(tmp_path),
+            "--disable_tqdm",
+            "true",
+        ]
+    )
     assert "Final accuracy" in capsys.readouterr().out
     assert metrics["eval_accuracy"] > 0.25  # chance: 0.1
     assert_adapter_at_top(tmp_path)
@@ -85,8 +107,18 @@ def test_checkpoints_hold_the_adapter_and_resume_exactly(tmp_path):
 
 def launch_two_processes(script: str, output_dir: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    command = [str(ACCELERATE), "launch", "--config_file", str(CPU_2PROC), str(ROOT / "examples" / script),
-               "--tiny", "--output_dir", str(output_dir), *QUIET, *args]
+    command = [
+        str(ACCELERATE),
+        "launch",
+        "--config_file",
+        str(CPU_2PROC),
+        str(ROOT / "examples" / script),
+        "--tiny",
+        "--output_dir",
+        str(output_dir),
+        *QUIET,
+        *args,
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es) ran (MULTI_CPU" in result.stdout

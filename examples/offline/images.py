@@ -25,7 +25,6 @@ from sklearn.model_selection import train_test_split
 
 from .dinov2 import prepare_pixels
 
-
 TEXTILE_CLASSES = ("nominal", "local", "global")
 
 
