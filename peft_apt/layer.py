@@ -16,6 +16,11 @@ from torch import nn
 
 from .constants import OUTPUT_PROJECTION_NAMES
 
+# The version of what decides what an APT adapter learns beside its config: the formula, the initialisation and the
+# default's multipliers. Bump it with any change to them (tests/test_parametrisation.py fails until it is bumped);
+# benchmark records are keyed by it.
+PARAMETRISATION_VERSION = 1
+
 # Default size of the initial prompt term relative to a LayerNorm-sized input, ||a (A @ P)|| / ||X||. On pretrained
 # DINOv2-S the term then starts at 2% to 12% of O per block (benchmarks/RESULTS.md): 1e-3 learnt too slowly at small
 # learning rates (and on small random models), 1e-2 collapsed at lr 3e-3 on one of three seeds.
