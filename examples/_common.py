@@ -147,21 +147,14 @@ def report_processes(trainer: Trainer) -> None:
         print(line)
 
 
-def end_processes(trainer: Trainer) -> None:
+def release_wrapped_model(trainer: Trainer) -> None:
     """
-    Destroy the process group while Python is fully alive, after the last collective, through its last reference.
+    Release what wraps the model for training, so that no reducer outlives the process group (see `end_processes`).
 
-    A gloo worker thread frees each collective's tensors just after the collective returns, and needs the GIL for it.
-    A group left to interpreter exit dies during finalisation, where such a thread aborts the process ("terminate
-    called without an active exception"), or with DDP's reducer, whose destructor joins the threads while holding the
-    GIL and can deadlock; `accelerator.end_training()` alone leaves the group to the reducer. With the DDP wrapper
-    released first, destroying the group joins its threads with the GIL released. DeepSpeed's engine has no reducer,
-    and the hooks it leaves on the model keep it referenced: it is destroyed instead, which releases its buffers and
-    the ZeRO optimizer's hooks.
+    DDP's wrapper must go first: its reducer's destructor joins gloo's threads while holding the GIL and can deadlock
+    if it runs after the group. DeepSpeed's engine has no reducer, and the hooks it leaves on the model keep it
+    referenced: it is destroyed instead, which removes the ZeRO optimizer's hooks and buffers.
     """
-    if not torch.distributed.is_initialized():
-        return
-    trainer.accelerator.wait_for_everyone()
     if trainer.is_deepspeed_enabled:
         trainer.model_wrapped.destroy()
     is_ddp = isinstance(trainer.model_wrapped, DistributedDataParallel)
@@ -174,6 +167,22 @@ def end_processes(trainer: Trainer) -> None:
             raise RuntimeError(
                 "DistributedDataParallel is still referenced: its reducer would outlive destroy_process_group"
             )
+
+
+def end_processes(trainer: Trainer) -> None:
+    """
+    Destroy the process group while Python is fully alive, after the last collective, through its last reference.
+
+    A gloo worker thread frees each collective's tensors just after the collective returns, and needs the GIL for it.
+    A group left to interpreter exit dies during finalisation, where such a thread aborts the process ("terminate
+    called without an active exception"), or with DDP's reducer, whose destructor joins the threads while holding the
+    GIL and can deadlock; `accelerator.end_training()` alone leaves the group to the reducer. With the wrapper
+    released first, destroying the group joins its threads with the GIL released.
+    """
+    if not torch.distributed.is_initialized():
+        return
+    trainer.accelerator.wait_for_everyone()
+    release_wrapped_model(trainer)
     trainer.accelerator.end_training()
     if trainer.is_world_process_zero():
         print("process group destroyed")
