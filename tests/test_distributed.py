@@ -142,3 +142,15 @@ def test_fsdp2_two_processes_train_like_one(base_models, one_process, tmp_path):
     launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"], "fsdp2", base_models, tmp_path)
     runs = assert_like_one_process(base_models, one_process / "fsdp2", tmp_path)
     assert runs == [{"processes": 2, "apt_sharded": True}] * 2
+
+
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="the processes would use the accelerator")
+def test_processes_that_would_each_train_alone_are_refused(tmp_path):
+    """`--use_cpu false` without an accelerator: each process would train the whole run alone, into one folder."""
+    command = [*accelerate_launch("cpu_2proc.yaml"), str(ROOT / "examples" / "clip_image_classification.py")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    args = ["--tiny", "--use_cpu", "false", "--max_steps", "1", "--output_dir", str(tmp_path), "--report_to", "none"]
+    result = subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.count("2 processes were launched but each trains alone") == 2
+    assert not (tmp_path / "adapter_model.safetensors").exists()
