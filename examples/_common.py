@@ -155,7 +155,7 @@ def release_wrapped_model(trainer: Trainer) -> None:
     if it runs after the group. DeepSpeed's engine has no reducer, and the hooks it leaves on the model keep it
     referenced: it is destroyed instead, which removes the ZeRO optimizer's hooks and buffers.
     """
-    if trainer.is_deepspeed_enabled:
+    if trainer.is_deepspeed_enabled and trainer.model_wrapped is not trainer.model:
         trainer.model_wrapped.destroy()
     is_ddp = isinstance(trainer.model_wrapped, DistributedDataParallel)
     wrapped = weakref.ref(trainer.model_wrapped) if is_ddp else None
