@@ -13,7 +13,9 @@ import torch
 from accelerate.utils import gather_object
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict
 from PIL import Image
+from torch.nn.parallel import DistributedDataParallel
 from transformers import HfArgumentParser, Trainer, TrainingArguments
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from peft_apt import APTConfig  # importing peft_apt registers APT with PEFT
 
@@ -111,15 +113,28 @@ class APTTrainer(Trainer):
 
 
 def report_start(trainer: Trainer) -> None:
+    """Refuse processes that were launched together but did not join one group, and print the trainable parameters."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and trainer.args.world_size == 1:
+        # e.g. `--use_cpu false` without an accelerator: each process would train the whole run on its own, all of
+        # them saving into the same output_dir
+        raise RuntimeError(
+            f"{launched} processes were launched but each trains alone, outside any process group "
+            f"({trainer.accelerator.distributed_type.value}). Without an accelerator, keep `--use_cpu` true (the "
+            "examples' default there) so that the processes join a gloo group."
+        )
     if trainer.is_world_process_zero():
         trainer.model.print_trainable_parameters()
 
 
 def report_processes(trainer: Trainer) -> None:
-    """Say how many processes trained and check that they end with the same adapter, so any rank could save it."""
+    """Say how many processes trained and check that those that each hold the whole adapter (DDP, ZeRO-1/2) end with
+    the same one, so any rank could save it."""
     pids = gather_object([os.getpid()])
     line = f"{len(set(pids))} process(es) ran ({trainer.accelerator.distributed_type.value}, pids {sorted(set(pids))})"
-    if not trainer.is_fsdp_enabled:  # FSDP shards the adapter across processes by design
+    if trainer.is_fsdp_enabled or is_deepspeed_zero3_enabled():
+        line += "; adapter sharded across processes"  # by design: each holds a part, the others are placeholders
+    else:
         state = get_peft_model_state_dict(trainer.accelerator.unwrap_model(trainer.model))
         digest = hashlib.sha256()
         for name in sorted(state):
@@ -132,6 +147,28 @@ def report_processes(trainer: Trainer) -> None:
         print(line)
 
 
+def release_wrapped_model(trainer: Trainer) -> None:
+    """
+    Release what wraps the model for training, so that no reducer outlives the process group (see `end_processes`).
+
+    DDP's wrapper must go first: its reducer's destructor joins gloo's threads while holding the GIL and can deadlock
+    if it runs after the group. DeepSpeed's engine has no reducer, and the hooks it leaves on the model keep it
+    referenced: it is destroyed instead, which removes the ZeRO optimizer's hooks and buffers.
+    """
+    if trainer.is_deepspeed_enabled and trainer.model_wrapped is not trainer.model:
+        trainer.model_wrapped.destroy()
+    is_ddp = isinstance(trainer.model_wrapped, DistributedDataParallel)
+    wrapped = weakref.ref(trainer.model_wrapped) if is_ddp else None
+    trainer.accelerator.free_memory()  # the accelerator's references to the wrapper, optimizer and data loaders
+    trainer.model_wrapped = trainer.model
+    if wrapped is not None and wrapped() is not None:
+        gc.collect()
+        if wrapped() is not None:
+            raise RuntimeError(
+                "DistributedDataParallel is still referenced: its reducer would outlive destroy_process_group"
+            )
+
+
 def end_processes(trainer: Trainer) -> None:
     """
     Destroy the process group while Python is fully alive, after the last collective, through its last reference.
@@ -139,21 +176,13 @@ def end_processes(trainer: Trainer) -> None:
     A gloo worker thread frees each collective's tensors just after the collective returns, and needs the GIL for it.
     A group left to interpreter exit dies during finalisation, where such a thread aborts the process ("terminate
     called without an active exception"), or with DDP's reducer, whose destructor joins the threads while holding the
-    GIL and can deadlock; `accelerator.end_training()` alone leaves the group to the reducer. With the DDP wrapper
+    GIL and can deadlock; `accelerator.end_training()` alone leaves the group to the reducer. With the wrapper
     released first, destroying the group joins its threads with the GIL released.
     """
     if not torch.distributed.is_initialized():
         return
     trainer.accelerator.wait_for_everyone()
-    wrapped = None if trainer.model_wrapped is trainer.model else weakref.ref(trainer.model_wrapped)
-    trainer.accelerator.free_memory()  # the accelerator's references to the wrapper, optimizer and data loaders
-    trainer.model_wrapped = trainer.model
-    if wrapped is not None and wrapped() is not None:
-        gc.collect()
-        if wrapped() is not None:
-            raise RuntimeError(
-                f"{type(wrapped()).__name__} is still referenced: its process group would outlive destroy_process_group"
-            )
+    release_wrapped_model(trainer)
     trainer.accelerator.end_training()
     if trainer.is_world_process_zero():
         print("process group destroyed")

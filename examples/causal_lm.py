@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from _common import SHORT_RUN_DEFAULTS, end_processes, report_processes
+from _common import SHORT_RUN_DEFAULTS, end_processes, report_processes, report_start
 from _common import parse_args as parse_common_args
 from offline.text import perplexity, stdlib_sources, token_blocks
 from peft import PeftModel, get_peft_model
@@ -155,8 +155,8 @@ def main(argv=None) -> dict[str, float]:
 
     trainer = Trainer(model=model, args=training_args, train_dataset=train)
     main_process = trainer.is_world_process_zero()
+    report_start(trainer)
     if main_process:
-        model.print_trainable_parameters()
         print(
             f"{len(train)} training blocks of {args.block_size} tokens; held-out perplexity on {len(held_out)} blocks"
         )

@@ -96,14 +96,18 @@ def tiny_clip(labels: list[str]) -> CLIPForImageClassification:
     return CLIPForImageClassification(config)
 
 
+def tiny_image_processor() -> CLIPImageProcessor:
+    return CLIPImageProcessor(
+        size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
+    )
+
+
 def main(args: Optional[list[str]] = None) -> dict[str, float]:
     script_args, training_args = parse_args(ClassificationArguments, args, output_dir="clip-apt")
     set_seed(training_args.seed)
     if script_args.tiny:
         train, evaluation, labels = digits_records()
-        image_processor = CLIPImageProcessor(
-            size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
-        )
+        image_processor = tiny_image_processor()
         model = tiny_clip(labels)
     else:
         if script_args.data_dir is None:

@@ -6,14 +6,17 @@ PEFT writes its model card (`library_name: peft`, `base_model`, tags) in `PeftMo
 overwrites that README.md with a card of its own (`library_name: transformers`, no base model, no PEFT tags). For APT
 adapters, `push_to_hub` here writes the Hub's current card first and lets `save_pretrained` update it, and the card
 also gets the `apt` and `peft-apt` tags and a usage snippet that imports `peft_apt`, without which PEFT cannot load
-the adapter. Other adapter types keep PEFT's behaviour unchanged.
+the adapter. And since APT adapters load from safetensors only, their `save_pretrained` (and so `push_to_hub`) always
+writes safetensors. Other adapter types keep PEFT's behaviour unchanged.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import tempfile
+import warnings
 from typing import Optional
 
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
@@ -71,6 +74,19 @@ def create_or_update_model_card(peft_method, self: PeftModel, output_dir: str) -
     tags = (ModelCard.load(path).data.tags or []) if os.path.exists(path) else []
     peft_method(self, output_dir)
     add_apt_to_model_card(self, output_dir, tags=tags)
+
+
+def save_pretrained(peft_method, self: PeftModel, *args, **kwargs) -> None:
+    """PEFT's save, in safetensors even when asked for a pickle: APT would refuse to load an `adapter_model.bin`."""
+    call = inspect.signature(peft_method).bind(self, *args, **kwargs)
+    if not call.arguments.get("safe_serialization", True):
+        warnings.warn(
+            "APT adapters are saved as safetensors only (APT never loads pickled files): `safe_serialization=False` "
+            "is ignored and adapter_model.safetensors is written.",
+            stacklevel=3,
+        )
+        call.arguments["safe_serialization"] = True
+    peft_method(*call.args, **call.kwargs)
 
 
 def push_to_hub(
@@ -137,3 +153,4 @@ def _for_apt_models(name: str, apt_method) -> None:
 def install() -> None:
     _for_apt_models("create_or_update_model_card", create_or_update_model_card)
     _for_apt_models("push_to_hub", push_to_hub)
+    _for_apt_models("save_pretrained", save_pretrained)

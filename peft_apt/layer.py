@@ -114,6 +114,12 @@ def key_map_scale(hidden_size: int) -> float:
     return 2.0 ** round(math.log2(hidden_size**-0.5))
 
 
+def full_shape(weight: torch.Tensor) -> torch.Size:
+    """A weight's shape, also where DeepSpeed ZeRO-3 has partitioned it: its local tensor is then an empty placeholder
+    and `ds_shape` holds the real shape (as PEFT's LoRA reads it)."""
+    return getattr(weight, "ds_shape", weight.shape)
+
+
 def find_output_projection(attention: nn.Module) -> Optional[str]:
     """Path, relative to `attention`, of the module whose output is O ("" for the module itself), or None."""
     if isinstance(attention, nn.MultiheadAttention):
@@ -123,7 +129,7 @@ def find_output_projection(attention: nn.Module) -> Optional[str]:
             projection = attention.get_submodule(path)
         except AttributeError:
             continue
-        if isinstance(getattr(projection, "weight", None), torch.Tensor) and projection.weight.ndim == 2:
+        if isinstance(getattr(projection, "weight", None), torch.Tensor) and len(full_shape(projection.weight)) == 2:
             return path
     return None
 
@@ -223,12 +229,13 @@ class APTLayer(nn.Module, BaseTunerLayer):
     def hidden_size(self) -> int:
         """
         d, taken from the module itself: composite configs (CLIP, BridgeTower) have no single hidden size. Read from
-        the layer's declared sizes, not its weight, whose shape is packed in quantized layers (bitsandbytes 4-bit).
+        the layer's declared sizes, not its weight, whose shape is packed in quantized layers (bitsandbytes 4-bit)
+        and partitioned under DeepSpeed ZeRO-3.
         """
         projection = self._projection()
         if isinstance(projection, nn.MultiheadAttention):
             return projection.embed_dim
-        return getattr(projection, "out_features", None) or projection.weight.shape[0]
+        return getattr(projection, "out_features", None) or full_shape(projection.weight)[0]
 
     def _projection_weight(self) -> torch.Tensor:
         projection = self._projection()

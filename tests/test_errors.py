@@ -109,6 +109,22 @@ def test_pickled_adapter_is_refused(saved_adapter):
         model.load_adapter(saved_adapter, adapter_name="other")
 
 
+@pytest.mark.parametrize("positional", [False, True])
+def test_saving_as_pickle_writes_safetensors_that_load(tmp_path, positional):
+    model = get_peft_model(bert(), APTConfig(num_prompts=4, r=2))
+    randomise_adapter(model)
+    with pytest.warns(UserWarning, match="safetensors only"):
+        model.save_pretrained(tmp_path, False) if positional else model.save_pretrained(
+            tmp_path, safe_serialization=False
+        )
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith("adapter_model")) == [
+        "adapter_model.safetensors"
+    ]
+    loaded = PeftModel.from_pretrained(bert(), tmp_path)
+    expected, actual = model.state_dict(), loaded.state_dict()
+    assert expected.keys() == actual.keys() and all(torch.equal(actual[k], expected[k]) for k in expected)
+
+
 def test_unchanged_model_after_a_refused_load(saved_adapter):
     """A refused load leaves no half-loaded adapter behind in an existing PeftModel."""
     model = get_peft_model(bert(layers=3), APTConfig(num_prompts=4, r=2))
