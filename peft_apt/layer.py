@@ -225,12 +225,15 @@ class APTLayer(nn.Module, BaseTunerLayer):
     def hidden_size(self) -> int:
         """
         d, taken from the module itself: composite configs (CLIP, BridgeTower) have no single hidden size. Read from
-        the layer's declared sizes, not its weight, whose shape is packed in quantized layers (bitsandbytes 4-bit).
+        the layer's declared sizes, not its weight, whose shape is packed in quantized layers (bitsandbytes 4-bit) and
+        transposed in transformers' `Conv1D` (GPT-2), which declares its output size as `nf`.
         """
         projection = self._projection()
         if isinstance(projection, nn.MultiheadAttention):
             return projection.embed_dim
-        return getattr(projection, "out_features", None) or projection.weight.shape[0]
+        return (
+            getattr(projection, "out_features", None) or getattr(projection, "nf", None) or projection.weight.shape[0]
+        )
 
     def _projection_weight(self) -> torch.Tensor:
         projection = self._projection()

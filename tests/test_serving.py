@@ -171,7 +171,8 @@ def test_concurrent_threads_with_different_adapter_names():
 def test_unload_detaches_the_projection_hook():
     family = FAMILIES["bert"]
     model = get_peft_model(family.build(), APTConfig(num_prompts=5, r=3))
-    projection = model.base_model.model.get_submodule(f"{family.attention_paths[0]}.base_layer.{family.projection}")
+    path = family.attention_paths[0]
+    projection = model.base_model.model.get_submodule(f"{path}.base_layer.{family.projection_of(path)}")
     assert len(projection._forward_hooks) == 1
     model.unload()
     assert len(projection._forward_hooks) == 0
