@@ -109,6 +109,13 @@ def _layers(pattern, n=2):
 # token ids inside the tiny vocabulary, for configs whose defaults lie outside it
 TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 IMAGE_TOKEN = 98
+GEMMA4_TEXT = dict(
+    head_dim=16,
+    global_head_dim=16,
+    vocab_size_per_layer_input=99,
+    hidden_size_per_layer_input=8,
+    layer_types=["sliding_attention", "full_attention"],
+)
 
 
 def _decoder(name, config_cls, model_cls, projection="o_proj", **config):
@@ -320,6 +327,24 @@ FAMILIES = {
         ]
     },
     "phi": _decoder("phi", T.PhiConfig, T.PhiForCausalLM, projection="dense"),
+    "gemma4_text": _decoder("gemma4_text", T.Gemma4TextConfig, T.Gemma4ForCausalLM, **GEMMA4_TEXT),
+    # only the language model is adapted, so text alone runs every adapted module
+    "gemma4": Family(
+        "gemma4",
+        _seeded(
+            lambda: T.Gemma4ForConditionalGeneration(
+                T.Gemma4Config(
+                    text_config=dict(hidden_size=32, num_key_value_heads=1, vocab_size=99, **SMALL, **GEMMA4_TEXT),
+                    vision_config=dict(hidden_size=32, head_dim=16, **SMALL),
+                    audio_config=None,
+                )
+            )
+        ),
+        lambda: _text(mask=False),
+        [Layout(_layers("model.language_model.layers.{}.self_attn"), "o_proj")],
+        32,
+        task_type="CAUSAL_LM",
+    ),
     **{
         name: Family(
             name,
