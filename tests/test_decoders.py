@@ -32,7 +32,8 @@ def prompts(family) -> dict:
     return inputs if "pixel_values" in inputs else left_padded_prompts()
 
 
-def generate(model, family, use_cache):
+def generate(model, family, use_cache, **kwargs):
+    """Greedy, always NEW_TOKENS new tokens: the sequences and each step's scores."""
     output = model.generate(
         **prompts(family),
         max_new_tokens=NEW_TOKENS,
@@ -42,6 +43,7 @@ def generate(model, family, use_cache):
         pad_token_id=0,
         output_scores=True,
         return_dict_in_generate=True,
+        **kwargs,
     )
     return output.sequences, torch.stack(output.scores, dim=1)
 
