@@ -10,6 +10,7 @@ from reference import randomise_adapter
 
 from peft_apt import APTConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 GENERATING = [family for family in FAMILIES.values() if family.task_type]
 NEW_TOKENS = 8
 

@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from peft_apt import APTConfig, APTLayer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 P, R = 5, 3
 ALL = [*FAMILIES.values(), MHA_FAMILY]
 

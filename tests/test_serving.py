@@ -13,6 +13,7 @@ from test_decoders import generate
 
 from peft_apt import APTConfig, APTLayer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 ALL = [*FAMILIES.values(), MHA_FAMILY]
 # CLIP's logits compare every image with every text, so a row mixes two samples' adapters; the embeddings do not.
 CROSS_SAMPLE_OUTPUTS = ("logits_per_image", "logits_per_text")
