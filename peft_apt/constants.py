@@ -72,7 +72,8 @@ TRANSFORMERS_MODELS_TO_APT_TARGET_MODULES_MAPPING: dict[str, list[str] | str] = 
 TRANSFORMERS_MODELS_WITHOUT_APT_TARGET_MODULES: dict[str, str] = {
     "rwkv": "RWKV has no attention: its time mixing is a recurrence over token-shifted inputs, with no query-side X",
     "nemotron_h": "its attention and Mamba blocks are all named `mixer`, so no module name picks out the attention",
-    "blip-2": "its language model is an OPT or a T5, chosen by the checkpoint: target that model's attention modules",
+    "blip-2": "its language model, OPT or T5, is the checkpoint's choice: pass `self_attn` (OPT), or "
+    "`SelfAttention` and `EncDecAttention` (T5)",
     **{
         model_type: "not a transformers model (remote code): pass the attention modules of its code"
         for model_type in ("chatglm", "btlm", "RefinedWeb", "RefinedWebModel", "rwkv7")
