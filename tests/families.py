@@ -178,6 +178,29 @@ def _text_with_image_tokens(num_image_tokens, batch=2):
     return {**inputs, "pixel_values": _pixels(batch=batch)}
 
 
+def _gemma4_families() -> dict:
+    return {
+        "gemma4_text": _decoder("gemma4_text", T.Gemma4TextConfig, T.Gemma4ForCausalLM, **GEMMA4_TEXT),
+        # only the language model is adapted, so text alone runs every adapted module
+        "gemma4": Family(
+            "gemma4",
+            _seeded(
+                lambda: T.Gemma4ForConditionalGeneration(
+                    T.Gemma4Config(
+                        text_config=dict(hidden_size=32, num_key_value_heads=1, vocab_size=99, **SMALL, **GEMMA4_TEXT),
+                        vision_config=dict(hidden_size=32, head_dim=16, **SMALL),
+                        audio_config=None,
+                    )
+                )
+            ),
+            lambda: _text(mask=False),
+            [Layout(_layers("model.language_model.layers.{}.self_attn"), "o_proj")],
+            32,
+            task_type="CAUSAL_LM",
+        ),
+    }
+
+
 FAMILIES = {
     "vilt": Family(
         "vilt",
@@ -317,7 +340,7 @@ FAMILIES = {
             ("olmo2", T.Olmo2Config, T.Olmo2ForCausalLM, TOKENS),
             ("granite", T.GraniteConfig, T.GraniteForCausalLM, {}),
             ("smollm3", T.SmolLM3Config, T.SmolLM3ForCausalLM, TOKENS),
-            ("stablelm", T.StableLmConfig, T.StableLmForCausalLM, {}),
+            ("stablelm", T.StableLmConfig, T.StableLmForCausalLM, TOKENS),
             (
                 "llama4_text",
                 T.Llama4TextConfig,
@@ -326,25 +349,8 @@ FAMILIES = {
             ),
         ]
     },
-    "phi": _decoder("phi", T.PhiConfig, T.PhiForCausalLM, projection="dense"),
-    "gemma4_text": _decoder("gemma4_text", T.Gemma4TextConfig, T.Gemma4ForCausalLM, **GEMMA4_TEXT),
-    # only the language model is adapted, so text alone runs every adapted module
-    "gemma4": Family(
-        "gemma4",
-        _seeded(
-            lambda: T.Gemma4ForConditionalGeneration(
-                T.Gemma4Config(
-                    text_config=dict(hidden_size=32, num_key_value_heads=1, vocab_size=99, **SMALL, **GEMMA4_TEXT),
-                    vision_config=dict(hidden_size=32, head_dim=16, **SMALL),
-                    audio_config=None,
-                )
-            )
-        ),
-        lambda: _text(mask=False),
-        [Layout(_layers("model.language_model.layers.{}.self_attn"), "o_proj")],
-        32,
-        task_type="CAUSAL_LM",
-    ),
+    "phi": _decoder("phi", T.PhiConfig, T.PhiForCausalLM, projection="dense", **TOKENS),
+    **(_gemma4_families() if hasattr(T, "Gemma4Config") else {}),  # Gemma 4 came with a later transformers 5.x
     **{
         name: Family(
             name,
@@ -380,7 +386,8 @@ FAMILIES = {
             (
                 "codegen",
                 lambda: T.CodeGenForCausalLM(
-                    T.CodeGenConfig(n_embd=32, n_layer=2, n_head=2, rotary_dim=8, vocab_size=99, **TOKENS)
+                    # 4 heads: transformers 5.0 splits them over 4 groups
+                    T.CodeGenConfig(n_embd=32, n_layer=2, n_head=4, rotary_dim=8, vocab_size=99, **TOKENS)
                 ),
                 "transformer.h.{}.attn",
                 "out_proj",
@@ -560,12 +567,13 @@ FAMILIES = {
         lambda: _text_with_image_tokens(4),
         [
             Layout(
-                [
-                    *_layers("model.vision_tower.encoder.layers.{}.self_attn"),
-                    *_layers("model.language_model.layers.{}.self_attn"),
-                ],
+                [*_layers(f"model.vision_tower{tower}.encoder.layers.{{}}.self_attn"), *_layers(text)],
                 ["out_proj", "out_proj", "o_proj", "o_proj"],
             )
+            for tower, text in [
+                ("", "model.language_model.layers.{}.self_attn"),  # newer transformers releases
+                (".vision_model", "model.language_model.layers.{}.self_attn"),
+            ]
         ],
         [48, 48, 32, 32],
         task_type="CAUSAL_LM",

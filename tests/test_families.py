@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers as T
-from families import FAMILIES, MHA_FAMILY, SMALL
+from families import FAMILIES, MHA_FAMILY, SMALL, TOKENS
 from peft import PeftModel, get_peft_model
 from reference import adapter_tensors, randomise_adapter, reference_hooks, run
 from safetensors import safe_open
@@ -162,8 +162,9 @@ def test_llama4_adapts_both_towers():
     text = dict(hidden_size=32, num_key_value_heads=1, head_dim=16, vocab_size=99, num_local_experts=2)
     vision = dict(hidden_size=48, image_size=32, patch_size=8, intermediate_size=192, vision_output_dim=32)
     config = T.Llama4Config(
-        text_config={**text, **SMALL, "intermediate_size": 32, "intermediate_size_mlp": 37},
+        text_config={**text, **SMALL, **TOKENS, "intermediate_size": 32, "intermediate_size_mlp": 37},
         vision_config={**vision, "num_hidden_layers": 2, "num_attention_heads": 2},
+        pad_token_id=0,
     )
     model = get_peft_model(T.Llama4ForConditionalGeneration(config), APTConfig(num_prompts=P, r=R))
     towers = [f"{tower}.model.layers.{i}.self_attn" for tower in ("vision_model", "language_model") for i in range(2)]
