@@ -3,7 +3,9 @@
 # Default `target_modules` per `config.model_type`. Each entry names the attention module of a block, the module
 # whose input is the query-side hidden states X and whose output projection produces O. A list matches on the end
 # of a module path (and then only the outermost match is adapted, so ViLT's `attention` never also adapts the nested
-# `attention.attention`); a string is a regex on the whole path.
+# `attention.attention`); a string is a regex on the whole path. Composite models (CLIP, SigLIP, Gemma 3, Llama 4)
+# get every tower whose attention matches; encoder-decoders get the encoder's self-attention and the decoder's self-
+# and cross-attention, where X is the decoder stream.
 TRANSFORMERS_MODELS_TO_APT_TARGET_MODULES_MAPPING: dict[str, list[str] | str] = {
     "vilt": ["attention"],
     # METER's architecture; its reference adapts the co-attention layers only, not the unimodal encoders.
@@ -11,19 +13,75 @@ TRANSFORMERS_MODELS_TO_APT_TARGET_MODULES_MAPPING: dict[str, list[str] | str] = 
     "clip": ["self_attn"],
     "clip_text_model": ["self_attn"],
     "clip_vision_model": ["self_attn"],
+    "siglip": ["self_attn"],
+    "siglip_text_model": ["self_attn"],
+    "siglip_vision_model": ["self_attn"],
     "vit": ["attention"],
+    "deit": ["attention"],
     "dinov2": ["attention"],
     "bert": ["attention"],
     "roberta": ["attention"],
+    "xlm-roberta": ["attention"],
+    "electra": ["attention"],
+    "layoutlm": ["attention"],
+    "deberta": ["attention"],
+    "deberta-v2": ["attention"],
     "llama": ["self_attn"],
+    "llama4": ["self_attn"],
+    "llama4_text": ["self_attn"],
     "mistral": ["self_attn"],
+    "mixtral": ["self_attn"],
     "qwen2": ["self_attn"],
+    "qwen3": ["self_attn"],
+    "qwen3_moe": ["self_attn"],
+    "gemma": ["self_attn"],
+    "gemma2": ["self_attn"],
+    "gemma3": ["self_attn"],
+    "gemma3_text": ["self_attn"],
+    # the language model only, as LoRA: the vision tower's projections are clipping wrappers without a weight
+    "gemma4": r".*language_model\..*\.self_attn",
+    "gemma4_text": ["self_attn"],
+    "phi": ["self_attn"],
+    "phi3": ["self_attn"],
+    "olmo2": ["self_attn"],
+    "granite": ["self_attn"],
+    "smollm3": ["self_attn"],
+    "stablelm": ["self_attn"],
+    "opt": ["self_attn"],
+    "gpt2": ["attn"],
+    "gpt_bigcode": ["attn"],
+    "gptj": ["attn"],
+    "codegen": ["attn"],
+    "mpt": ["attn"],
+    # `attn` wraps the attention that holds the projections
+    "gpt_neo": ["attention"],
+    "gpt_neox": ["attention"],
+    "bloom": ["self_attention"],
+    "falcon": ["self_attention"],
+    "t5": ["SelfAttention", "EncDecAttention"],
+    "mt5": ["SelfAttention", "EncDecAttention"],
+    "bart": ["self_attn", "encoder_attn"],
+    "mbart": ["self_attn", "encoder_attn"],
+    "whisper": ["self_attn", "encoder_attn"],
     # diffusers models have no `model_type`; APT knows them by class name (see `APTModel.get_model_config`).
     # `attn1` is the self-attention and `attn2` the cross-attention of each transformer block; X is the query stream.
     "UNet2DConditionModel": ["attn1", "attn2"],
 }
 
-# Paths, relative to an attention module, of the projection whose output is O, tried in this order. APT adds its
-# term to that output, so it lands before the block's dropout, residual and (post-LN) LayerNorm.
-# `torch.nn.MultiheadAttention` applies its `out_proj` functionally; there O is the module's own output[0].
-OUTPUT_PROJECTION_NAMES: tuple[str, ...] = ("output.dense", "o_proj", "out_proj", "to_out.0")
+# Model types with LoRA defaults in PEFT that APT gives none, and why: the error for `target_modules=None` says so.
+TRANSFORMERS_MODELS_WITHOUT_APT_TARGET_MODULES: dict[str, str] = {
+    "rwkv": "RWKV has no attention: its time mixing is a recurrence over token-shifted inputs, with no query-side X",
+    "nemotron_h": "its attention and Mamba blocks are all named `mixer`, so no module name picks out the attention",
+    "blip-2": "its language model, OPT or T5, is the checkpoint's choice: pass `self_attn` (OPT), or "
+    "`SelfAttention` and `EncDecAttention` (T5)",
+    **{
+        model_type: "not a transformers model (remote code): pass the attention modules of its code"
+        for model_type in ("chatglm", "btlm", "RefinedWeb", "RefinedWebModel", "rwkv7")
+    },
+}
+
+# Paths, relative to an attention module, of the projection whose output is O, tried in this order (so a family
+# resolved by an earlier name never changes when a later one is added). APT adds its term to that output, so it
+# lands before the block's dropout, residual and (post-LN) LayerNorm. `torch.nn.MultiheadAttention` applies its
+# `out_proj` functionally; there O is the module's own output[0].
+OUTPUT_PROJECTION_NAMES: tuple[str, ...] = ("output.dense", "o_proj", "out_proj", "to_out.0", "o", "dense", "c_proj")

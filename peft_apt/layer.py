@@ -229,13 +229,17 @@ class APTLayer(nn.Module, BaseTunerLayer):
     def hidden_size(self) -> int:
         """
         d, taken from the module itself: composite configs (CLIP, BridgeTower) have no single hidden size. Read from
-        the layer's declared sizes, not its weight, whose shape is packed in quantized layers (bitsandbytes 4-bit)
-        and partitioned under DeepSpeed ZeRO-3.
+        the layer's declared sizes, not its weight, whose shape is packed in quantized layers (bitsandbytes 4-bit),
+        partitioned under DeepSpeed ZeRO-3 and transposed in transformers' `Conv1D` (GPT-2, which declares `nf`).
         """
         projection = self._projection()
         if isinstance(projection, nn.MultiheadAttention):
             return projection.embed_dim
-        return getattr(projection, "out_features", None) or full_shape(projection.weight)[0]
+        return (
+            getattr(projection, "out_features", None)
+            or getattr(projection, "nf", None)
+            or full_shape(projection.weight)[0]
+        )
 
     def _projection_weight(self) -> torch.Tensor:
         projection = self._projection()

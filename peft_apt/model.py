@@ -9,7 +9,11 @@ from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
 
 from .config import APTConfig
-from .constants import OUTPUT_PROJECTION_NAMES, TRANSFORMERS_MODELS_TO_APT_TARGET_MODULES_MAPPING
+from .constants import (
+    OUTPUT_PROJECTION_NAMES,
+    TRANSFORMERS_MODELS_TO_APT_TARGET_MODULES_MAPPING,
+    TRANSFORMERS_MODELS_WITHOUT_APT_TARGET_MODULES,
+)
 from .layer import MERGE_ERROR, APTLayer, find_output_projection, set_adapter_names
 
 
@@ -49,10 +53,12 @@ class APTModel(BaseTuner):
         if peft_config.target_modules is None:
             model_type = model_config.get("model_type")
             if model_type not in self.target_module_mapping:
+                reason = TRANSFORMERS_MODELS_WITHOUT_APT_TARGET_MODULES.get(model_type)
+                because = f" ({reason})" if reason else ""
                 raise ValueError(
-                    f"APT has no default `target_modules` for model type {model_type!r}. Pass the attention modules "
-                    "to adapt, by name or regex, e.g. `APTConfig(target_modules=['self_attn'])`: modules with an "
-                    f"output projection at one of {list(OUTPUT_PROJECTION_NAMES)}, or torch.nn.MultiheadAttention. "
+                    f"APT has no default `target_modules` for model type {model_type!r}{because}. Pass the attention "
+                    "modules to adapt, by name or regex, e.g. `APTConfig(target_modules=['self_attn'])`: modules with "
+                    f"an output projection at one of {list(OUTPUT_PROJECTION_NAMES)}, or torch.nn.MultiheadAttention. "
                     f"Model types with defaults: {sorted(self.target_module_mapping)}."
                 )
             targets = self.target_module_mapping[model_type]

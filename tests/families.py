@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 import transformers as T
+from transformers.pytorch_utils import Conv1D
 
 SMALL = dict(num_hidden_layers=2, num_attention_heads=2, intermediate_size=37)
 
@@ -21,18 +22,28 @@ SMALL = dict(num_hidden_layers=2, num_attention_heads=2, intermediate_size=37)
 @dataclass
 class Layout:
     attention_paths: list[str]  # the modules the defaults must adapt, in model order
-    projection: str  # relative path of the output projection ("" = the module's own output[0])
+    # relative path of the output projection ("" = the module's own output[0]), or one per attention path
+    projection: str | list[str]
+
+    def projection_of(self, path: str) -> str:
+        if isinstance(self.projection, str):
+            return self.projection
+        return self.projection[self.attention_paths.index(path)]
 
     def describes(self, model: torch.nn.Module) -> bool:
-        """Every attention path is there, and its output projection is a Linear (or, for "", it is a
-        `nn.MultiheadAttention`, which applies its `out_proj` functionally)."""
+        """Every attention path is there, and its output projection is a Linear or GPT-2's transposed `Conv1D` (or,
+        for "", the attention is a `nn.MultiheadAttention`, which applies its `out_proj` functionally)."""
         modules = dict(model.named_modules())
-        if not all(path in modules for path in self.attention_paths):
-            return False
-        if not self.projection:
-            return all(isinstance(modules[path], torch.nn.MultiheadAttention) for path in self.attention_paths)
-        projections = [modules.get(f"{path}.{self.projection}") for path in self.attention_paths]
-        return all(isinstance(projection, torch.nn.Linear) for projection in projections)
+        for path in self.attention_paths:
+            projection = self.projection_of(path)
+            if path not in modules:
+                return False
+            if not projection:
+                if not isinstance(modules[path], torch.nn.MultiheadAttention):
+                    return False
+            elif not isinstance(modules.get(f"{path}.{projection}"), (torch.nn.Linear, Conv1D)):
+                return False
+        return True
 
 
 @dataclass
@@ -43,6 +54,7 @@ class Family:
     layouts: list[Layout]  # one per module naming that a supported transformers release builds
     hidden_size: int | list[int]  # d of each adapted module (one value for all, or one per attention path)
     query_argument: str = "hidden_states"
+    task_type: str | None = None  # the generating task ("CAUSAL_LM", "SEQ_2_SEQ_LM") of the model built
 
     @cached_property
     def layout(self) -> Layout:
@@ -57,9 +69,8 @@ class Family:
     def attention_paths(self) -> list[str]:
         return self.layout.attention_paths
 
-    @property
-    def projection(self) -> str:
-        return self.layout.projection
+    def projection_of(self, path: str) -> str:
+        return self.layout.projection_of(path)
 
     @property
     def hidden_sizes(self) -> list[int]:
@@ -93,6 +104,101 @@ def _seeded(fn):
 
 def _layers(pattern, n=2):
     return [pattern.format(i) for i in range(n)]
+
+
+# token ids inside the tiny vocabulary, for configs whose defaults lie outside it
+TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+IMAGE_TOKEN = 98
+GEMMA4_TEXT = dict(
+    head_dim=16,
+    global_head_dim=16,
+    vocab_size_per_layer_input=99,
+    hidden_size_per_layer_input=8,
+    layer_types=["sliding_attention", "full_attention"],
+)
+
+
+def _decoder(name, config_cls, model_cls, projection="o_proj", **config):
+    """A causal LM whose blocks are `model.layers.N.self_attn`."""
+    return Family(
+        name,
+        _seeded(
+            lambda: model_cls(config_cls(hidden_size=32, num_key_value_heads=1, vocab_size=99, **{**SMALL, **config}))
+        ),
+        lambda: _text(mask=False),
+        [Layout(_layers("model.layers.{}.self_attn"), projection)],
+        32,
+        task_type="CAUSAL_LM",
+    )
+
+
+def _t5_config():
+    return dict(d_model=32, d_kv=16, d_ff=37, num_layers=2, num_heads=2, vocab_size=99, decoder_start_token_id=0)
+
+
+def _bart_config():
+    return dict(
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=37,
+        decoder_ffn_dim=37,
+        vocab_size=99,
+        decoder_start_token_id=2,
+        **TOKENS,
+    )
+
+
+def _encoder_decoder_paths(prefix):
+    """BART-style: each encoder layer's `self_attn`, each decoder layer's `self_attn` and `encoder_attn`."""
+    decoder = [f"{prefix}decoder.layers.{i}.{kind}" for i in range(2) for kind in ("self_attn", "encoder_attn")]
+    return [*_layers(prefix + "encoder.layers.{}.self_attn"), *decoder]
+
+
+def _decoder_ids(batch=2, length=5):
+    return torch.randint(3, 99, (batch, length), generator=torch.Generator().manual_seed(3))
+
+
+def _seq2seq_text():
+    return {**_text(), "decoder_input_ids": _decoder_ids()}
+
+
+def _speech(batch=2):
+    """Whisper: 8 mel bins over 32 frames (twice `max_source_positions`), and decoder tokens."""
+    features = torch.randn(batch, 8, 32, generator=torch.Generator().manual_seed(4))
+    return {"input_features": features, "decoder_input_ids": _decoder_ids(batch)}
+
+
+def _text_with_image_tokens(num_image_tokens, batch=2):
+    """Text whose first tokens are the image's placeholders, and the image."""
+    inputs = _text(vocab=IMAGE_TOKEN, length=num_image_tokens + 5, batch=batch, mask=False)
+    inputs["input_ids"][:, :num_image_tokens] = IMAGE_TOKEN
+    return {**inputs, "pixel_values": _pixels(batch=batch)}
+
+
+def _gemma4_families() -> dict:
+    return {
+        "gemma4_text": _decoder("gemma4_text", T.Gemma4TextConfig, T.Gemma4ForCausalLM, **GEMMA4_TEXT),
+        # only the language model is adapted, so text alone runs every adapted module
+        "gemma4": Family(
+            "gemma4",
+            _seeded(
+                lambda: T.Gemma4ForConditionalGeneration(
+                    T.Gemma4Config(
+                        text_config=dict(hidden_size=32, num_key_value_heads=1, vocab_size=99, **SMALL, **GEMMA4_TEXT),
+                        vision_config=dict(hidden_size=32, head_dim=16, **SMALL),
+                        audio_config=None,
+                    )
+                )
+            ),
+            lambda: _text(mask=False),
+            [Layout(_layers("model.language_model.layers.{}.self_attn"), "o_proj")],
+            32,
+            task_type="CAUSAL_LM",
+        ),
+    }
 
 
 FAMILIES = {
@@ -214,23 +320,264 @@ FAMILIES = {
         32,
     ),
     **{
+        name: _decoder(name, config_cls, model_cls, **config)
+        for name, config_cls, model_cls, config in [
+            ("llama", T.LlamaConfig, T.LlamaForCausalLM, {}),
+            ("mistral", T.MistralConfig, T.MistralForCausalLM, {}),
+            ("qwen2", T.Qwen2Config, T.Qwen2ForCausalLM, {}),
+            ("qwen3", T.Qwen3Config, T.Qwen3ForCausalLM, {"head_dim": 16}),
+            (
+                "qwen3_moe",
+                T.Qwen3MoeConfig,
+                T.Qwen3MoeForCausalLM,
+                {"head_dim": 16, "num_experts": 2, "num_experts_per_tok": 1, "moe_intermediate_size": 16},
+            ),
+            ("mixtral", T.MixtralConfig, T.MixtralForCausalLM, {"num_local_experts": 2, "intermediate_size": 32}),
+            ("gemma", T.GemmaConfig, T.GemmaForCausalLM, {"head_dim": 16}),
+            ("gemma2", T.Gemma2Config, T.Gemma2ForCausalLM, {"head_dim": 16}),
+            ("gemma3_text", T.Gemma3TextConfig, T.Gemma3ForCausalLM, {"head_dim": 16}),
+            ("phi3", T.Phi3Config, T.Phi3ForCausalLM, TOKENS),
+            ("olmo2", T.Olmo2Config, T.Olmo2ForCausalLM, TOKENS),
+            ("granite", T.GraniteConfig, T.GraniteForCausalLM, {}),
+            ("smollm3", T.SmolLM3Config, T.SmolLM3ForCausalLM, TOKENS),
+            ("stablelm", T.StableLmConfig, T.StableLmForCausalLM, TOKENS),
+            (
+                "llama4_text",
+                T.Llama4TextConfig,
+                T.Llama4ForCausalLM,
+                {"head_dim": 16, "num_local_experts": 2, "intermediate_size": 32, "intermediate_size_mlp": 37},
+            ),
+        ]
+    },
+    "phi": _decoder("phi", T.PhiConfig, T.PhiForCausalLM, projection="dense", **TOKENS),
+    **(_gemma4_families() if hasattr(T, "Gemma4Config") else {}),  # Gemma 4 came with a later transformers 5.x
+    **{
+        name: Family(
+            name,
+            _seeded(lambda build=build: build()),
+            lambda: _text(mask=False),
+            [Layout(_layers(attention), projection)],
+            32,
+            task_type="CAUSAL_LM",
+        )
+        for name, build, attention, projection in [
+            (
+                "gpt2",
+                lambda: T.GPT2LMHeadModel(T.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=99, **TOKENS)),
+                "transformer.h.{}.attn",
+                "c_proj",
+            ),
+            (
+                "gpt_bigcode",
+                lambda: T.GPTBigCodeForCausalLM(
+                    T.GPTBigCodeConfig(n_embd=32, n_layer=2, n_head=2, vocab_size=99, **TOKENS)
+                ),
+                "transformer.h.{}.attn",
+                "c_proj",
+            ),
+            (
+                "gptj",
+                lambda: T.GPTJForCausalLM(
+                    T.GPTJConfig(n_embd=32, n_layer=2, n_head=2, rotary_dim=8, vocab_size=99, **TOKENS)
+                ),
+                "transformer.h.{}.attn",
+                "out_proj",
+            ),
+            (
+                "codegen",
+                lambda: T.CodeGenForCausalLM(
+                    # 4 heads: transformers 5.0 splits them over 4 groups
+                    T.CodeGenConfig(n_embd=32, n_layer=2, n_head=4, rotary_dim=8, vocab_size=99, **TOKENS)
+                ),
+                "transformer.h.{}.attn",
+                "out_proj",
+            ),
+            (
+                "gpt_neo",
+                lambda: T.GPTNeoForCausalLM(
+                    T.GPTNeoConfig(
+                        hidden_size=32,
+                        num_layers=2,
+                        num_heads=2,
+                        attention_types=[[["global", "local"], 1]],
+                        window_size=4,
+                        vocab_size=99,
+                        **TOKENS,
+                    )
+                ),
+                "transformer.h.{}.attn.attention",
+                "out_proj",
+            ),
+            (
+                "gpt_neox",
+                lambda: T.GPTNeoXForCausalLM(T.GPTNeoXConfig(hidden_size=32, vocab_size=99, **SMALL, **TOKENS)),
+                "gpt_neox.layers.{}.attention",
+                "dense",
+            ),
+            (
+                "bloom",
+                lambda: T.BloomForCausalLM(T.BloomConfig(hidden_size=32, n_layer=2, n_head=2, vocab_size=99, **TOKENS)),
+                "transformer.h.{}.self_attention",
+                "dense",
+            ),
+            (
+                "falcon",
+                lambda: T.FalconForCausalLM(
+                    T.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, vocab_size=99, **TOKENS)
+                ),
+                "transformer.h.{}.self_attention",
+                "dense",
+            ),
+            (
+                "mpt",
+                lambda: T.MptForCausalLM(T.MptConfig(d_model=32, n_layers=2, n_heads=2, vocab_size=99, **TOKENS)),
+                "transformer.blocks.{}.attn",
+                "out_proj",
+            ),
+            (
+                "opt",
+                lambda: T.OPTForCausalLM(
+                    T.OPTConfig(
+                        hidden_size=32,
+                        num_hidden_layers=2,
+                        num_attention_heads=2,
+                        ffn_dim=37,
+                        word_embed_proj_dim=32,
+                        vocab_size=99,
+                        **TOKENS,
+                    )
+                ),
+                "model.decoder.layers.{}.self_attn",
+                "out_proj",
+            ),
+        ]
+    },
+    **{
+        name: Family(
+            name,
+            _seeded(lambda config_cls=config_cls, model_cls=model_cls: model_cls(config_cls(**_t5_config()))),
+            _seq2seq_text,
+            [
+                Layout(
+                    [
+                        *_layers("encoder.block.{}.layer.0.SelfAttention"),
+                        *(
+                            f"decoder.block.{i}.layer.{j}.{kind}"
+                            for i in range(2)
+                            for j, kind in enumerate(["SelfAttention", "EncDecAttention"])
+                        ),
+                    ],
+                    "o",
+                )
+            ],
+            32,
+            task_type="SEQ_2_SEQ_LM",
+        )
+        for name, config_cls, model_cls in [
+            ("t5", T.T5Config, T.T5ForConditionalGeneration),
+            ("mt5", T.MT5Config, T.MT5ForConditionalGeneration),
+        ]
+    },
+    **{
         name: Family(
             name,
             _seeded(
-                lambda config_cls=config_cls, model_cls=model_cls: model_cls(
-                    config_cls(hidden_size=32, num_key_value_heads=1, vocab_size=99, **SMALL)
+                lambda config_cls=config_cls, model_cls=model_cls, extra=extra: model_cls(
+                    config_cls(**_bart_config(), **extra)
                 )
             ),
-            lambda: _text(mask=False),
-            [Layout(_layers("model.layers.{}.self_attn"), "o_proj")],
+            inputs,
+            [Layout(_encoder_decoder_paths("model."), "out_proj")],
             32,
+            task_type="SEQ_2_SEQ_LM",
         )
-        for name, config_cls, model_cls in [
-            ("llama", T.LlamaConfig, T.LlamaForCausalLM),
-            ("mistral", T.MistralConfig, T.MistralForCausalLM),
-            ("qwen2", T.Qwen2Config, T.Qwen2ForCausalLM),
+        for name, config_cls, model_cls, extra, inputs in [
+            ("bart", T.BartConfig, T.BartForConditionalGeneration, {}, _seq2seq_text),
+            ("mbart", T.MBartConfig, T.MBartForConditionalGeneration, {}, _seq2seq_text),
+            (
+                "whisper",
+                T.WhisperConfig,
+                T.WhisperForConditionalGeneration,
+                {"num_mel_bins": 8, "max_source_positions": 16, "max_target_positions": 32},
+                _speech,
+            ),
         ]
     },
+    **{
+        name: Family(
+            name,
+            _seeded(lambda build=build: build()),
+            _text,
+            [Layout(_layers("encoder.layer.{}.attention"), "output.dense")],
+            32,
+        )
+        for name, build in [
+            ("xlm-roberta", lambda: T.XLMRobertaModel(T.XLMRobertaConfig(hidden_size=32, vocab_size=99, **SMALL))),
+            (
+                "electra",
+                lambda: T.ElectraModel(T.ElectraConfig(hidden_size=32, embedding_size=16, vocab_size=99, **SMALL)),
+            ),
+            ("layoutlm", lambda: T.LayoutLMModel(T.LayoutLMConfig(hidden_size=32, vocab_size=99, **SMALL))),
+            ("deberta", lambda: T.DebertaModel(T.DebertaConfig(hidden_size=32, vocab_size=99, **SMALL))),
+            ("deberta-v2", lambda: T.DebertaV2Model(T.DebertaV2Config(hidden_size=32, vocab_size=99, **SMALL))),
+        ]
+    },
+    "deit": Family(
+        "deit",
+        _seeded(lambda: T.DeiTModel(T.DeiTConfig(hidden_size=32, image_size=32, patch_size=8, **SMALL))),
+        lambda: {"pixel_values": _pixels()},
+        [
+            Layout(_layers("layers.{}.attention"), "o_proj"),  # newer transformers releases
+            Layout(_layers("encoder.layer.{}.attention"), "output.dense"),
+        ],
+        32,
+    ),
+    "siglip": Family(
+        "siglip",
+        _seeded(
+            lambda: T.SiglipModel(
+                T.SiglipConfig(
+                    # the text head projects to the vision width, so that the towers' embeddings compare
+                    text_config=dict(hidden_size=32, projection_size=48, vocab_size=99, **SMALL, **TOKENS),
+                    vision_config=dict(hidden_size=48, image_size=32, patch_size=8, **SMALL),
+                )
+            )
+        ),
+        lambda: {**_text(), "pixel_values": _pixels()},
+        [
+            Layout(
+                [f"{tower}_model.encoder.layers.{i}.self_attn" for tower in ("text", "vision") for i in range(2)],
+                "out_proj",
+            )
+        ],
+        [32, 32, 48, 48],
+    ),
+    "gemma3": Family(
+        "gemma3",
+        _seeded(
+            lambda: T.Gemma3ForConditionalGeneration(
+                T.Gemma3Config(
+                    text_config=dict(hidden_size=32, head_dim=16, num_key_value_heads=1, vocab_size=99, **SMALL),
+                    vision_config=dict(hidden_size=48, image_size=32, patch_size=8, **SMALL),
+                    mm_tokens_per_image=4,
+                    image_token_index=IMAGE_TOKEN,
+                )
+            )
+        ),
+        lambda: _text_with_image_tokens(4),
+        [
+            Layout(
+                [*_layers(f"model.vision_tower{tower}.encoder.layers.{{}}.self_attn"), *_layers(text)],
+                ["out_proj", "out_proj", "o_proj", "o_proj"],
+            )
+            for tower, text in [
+                ("", "model.language_model.layers.{}.self_attn"),  # newer transformers releases
+                (".vision_model", "model.language_model.layers.{}.self_attn"),
+            ]
+        ],
+        [48, 48, 32, 32],
+        task_type="CAUSAL_LM",
+    ),
 }
 
 # nn.MultiheadAttention, sequence-first, reached with an explicit regex: BridgeTower's vision tower.

@@ -19,10 +19,10 @@ def reference_apt(O, X, P, W1, W2, s):
 def reference_hooks(base_model, family, adapter_tensors, projection=None):
     """Add the reference term on `base_model`: X from each attention's input, O from its output projection (or from
     `projection`, a path relative to the attention module, "" for the module's own output)."""
-    projection_path = family.projection if projection is None else projection
     handles = []
     for path, (P, W1, W2, s) in adapter_tensors.items():
         attention = base_model.get_submodule(path)
+        projection_path = family.projection_of(path) if projection is None else projection
         captured = {}
 
         def capture(module, args, kwargs, captured=captured):
@@ -33,9 +33,9 @@ def reference_hooks(base_model, family, adapter_tensors, projection=None):
             new = reference_apt(O, captured["X"], *tensors)
             return (new, *output[1:]) if isinstance(output, tuple) else new
 
-        projection = attention.get_submodule(projection_path) if projection_path else attention
+        projection_module = attention.get_submodule(projection_path) if projection_path else attention
         handles.append(attention.register_forward_pre_hook(capture, with_kwargs=True))
-        handles.append(projection.register_forward_hook(add_term))
+        handles.append(projection_module.register_forward_hook(add_term))
     try:
         yield
     finally:

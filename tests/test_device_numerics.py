@@ -18,7 +18,7 @@ from peft_apt import APTConfig
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 ATTENTION = "layers.0.attention"
-VILT = SimpleNamespace(query_argument="hidden_states", projection="output.dense")
+VILT = SimpleNamespace(query_argument="hidden_states", projection_of=lambda path: "output.dense")
 # Relative errors (norm of the difference / norm of the reference) allowed: fp32 rounding, and bf16's 8-bit mantissa
 # through 768-deep matmuls. Measured on CPU, the term in the autocast dtype: outputs 2e-7 (fp32) and 2.4e-3 (bf16),
 # adapter gradients up to 6e-6 and 1.8e-2 to 5e-2 (their upstream gradient comes through the layer's bf16 backward).

@@ -34,9 +34,18 @@ def test_config_validation_names_the_field(kwargs, field):
 
 
 def test_unknown_model_type_asks_for_target_modules():
-    model = T.GPT2Model(T.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=99))
-    with pytest.raises(ValueError, match=r"'gpt2'.*target_modules"):
+    model = T.XGLMModel(T.XGLMConfig(d_model=32, num_layers=2, attention_heads=2, ffn_dim=37, vocab_size=99))
+    with pytest.raises(ValueError, match=r"no default `target_modules` for model type 'xglm'\. Pass"):
         get_peft_model(model, APTConfig(num_prompts=4))
+
+
+def test_model_type_that_cannot_fit_says_why_and_explicit_targets_name_the_module():
+    model = T.RwkvModel(T.RwkvConfig(hidden_size=32, num_hidden_layers=2, vocab_size=99, intermediate_size=37))
+    with pytest.raises(ValueError, match=r"model type 'rwkv' \(RWKV has no attention: .*\)\. Pass .*target_modules"):
+        get_peft_model(model, APTConfig(num_prompts=4))
+    # its time mixing module by name: no output projection where APT looks for one
+    with pytest.raises(ValueError, match=r"'blocks\.0\.attention' \(RwkvSelfAttention\).*output projection at one of"):
+        get_peft_model(model, APTConfig(num_prompts=4, target_modules=["attention"]))
 
 
 def test_target_names_matching_nothing_are_an_error():

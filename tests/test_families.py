@@ -4,23 +4,28 @@ the base output when disabled, and exact save/load round trips with the specifie
 import copy
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
-from families import FAMILIES, MHA_FAMILY
+import transformers as T
+from families import FAMILIES, MHA_FAMILY, SMALL, TOKENS
 from peft import PeftModel, get_peft_model
 from reference import adapter_tensors, randomise_adapter, reference_hooks, run
 from safetensors import safe_open
+from transformers.pytorch_utils import Conv1D
 
 from peft_apt import APTConfig, APTLayer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 P, R = 5, 3
 ALL = [*FAMILIES.values(), MHA_FAMILY]
 
 
 def make(family, **config):
     base = family.build()
-    reference = copy.deepcopy(base)
+    # frozen like the adapted model's base: a frozen nn.MultiheadAttention (SigLIP's pooling head) takes a faster path
+    reference = copy.deepcopy(base).requires_grad_(False)
     if family is MHA_FAMILY:
         config.setdefault("target_modules", r".*resblocks\.\d+\.attn")
     model = get_peft_model(base, APTConfig(num_prompts=P, r=R, **config))
@@ -69,9 +74,10 @@ def test_output_matches_independent_reference(family):
 def test_disabled_adapter_gives_the_base_output_exactly(family):
     model, reference = make(family)
     inputs = family.inputs()
-    with torch.no_grad(), model.disable_adapter():
-        disabled = run(model, inputs)
-    base = run(reference, inputs)
+    with torch.no_grad():  # both without autograd: T5 rounds differently with it
+        with model.disable_adapter():
+            disabled = run(model, inputs)
+        base = run(reference, inputs)
     for got, want in zip(disabled, base):
         assert torch.equal(got, want)
 
@@ -113,3 +119,57 @@ def test_save_load_round_trip_is_exact(family, tmp_path):
         after = run(loaded, inputs)
     for got, want in zip(after, before):
         assert torch.equal(got, want)
+
+
+class NarrowConv1DAttention(torch.nn.Module):
+    """GPT-2's layout with an inner width (16) unlike the hidden size (32): `c_proj` is a `Conv1D` whose weight is
+    stored (16, 32), transposed, so only its declared `nf` gives d."""
+
+    def __init__(self):
+        super().__init__()
+        self.c_attn = Conv1D(16, 32)
+        self.c_proj = Conv1D(32, 16)
+
+    def forward(self, hidden_states):
+        return self.c_proj(torch.tanh(self.c_attn(hidden_states)))
+
+
+class NarrowBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = NarrowConv1DAttention()
+
+    def forward(self, hidden_states):
+        return self.attn(hidden_states)
+
+
+def test_conv1d_output_projection_takes_d_from_its_declared_size():
+    torch.manual_seed(0)
+    base = NarrowBlock()
+    reference = copy.deepcopy(base).requires_grad_(False)
+    model = get_peft_model(base, APTConfig(num_prompts=P, r=R, target_modules=["attn"])).eval()
+    randomise_adapter(model)
+    assert model.base_model.model.attn.hidden_size == 32
+    X = torch.randn(2, 7, 32)
+    layout = SimpleNamespace(query_argument="hidden_states", projection_of=lambda path: "c_proj")
+    with torch.no_grad(), reference_hooks(reference, layout, adapter_tensors(model, ["attn"])):
+        torch.testing.assert_close(model(X), reference(X), rtol=1e-4, atol=1e-5)
+
+
+def test_llama4_adapts_both_towers():
+    """Placement only: `Llama4ForConditionalGeneration.forward` itself fails in transformers 5.24 (it reads
+    `image_outputs` from its language model's output), so the formula is checked on `llama4_text`."""
+    text = dict(hidden_size=32, num_key_value_heads=1, head_dim=16, vocab_size=99, num_local_experts=2)
+    vision = dict(hidden_size=48, image_size=32, patch_size=8, intermediate_size=192, vision_output_dim=32)
+    config = T.Llama4Config(
+        text_config={**text, **SMALL, **TOKENS, "intermediate_size": 32, "intermediate_size_mlp": 37},
+        vision_config={**vision, "num_hidden_layers": 2, "num_attention_heads": 2},
+        pad_token_id=0,
+    )
+    model = get_peft_model(T.Llama4ForConditionalGeneration(config), APTConfig(num_prompts=P, r=R))
+    towers = [f"{tower}.model.layers.{i}.self_attn" for tower in ("vision_model", "language_model") for i in range(2)]
+    assert sorted(adapted_paths(model)) == sorted(towers)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters() if name.endswith("apt_prompt.default")}
+    assert shapes == {
+        f"base_model.model.{path}.apt_prompt.default": (P, d) for path, d in zip(towers, [48, 48, 32, 32])
+    }

@@ -22,13 +22,7 @@ CPU_2PROC = ROOT / "examples" / "accelerate" / "cpu_2proc.yaml"
 QUIET = ["--disable_tqdm", "true", "--report_to", "none", "--max_eval_samples", "64"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; several threads fight over shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def losses(checkpoint: Path) -> list[float]:
