@@ -8,7 +8,8 @@ Run from the repository root: `python -m benchmarks.causal_lm_quality` (one proc
 two processes halve the wall time), `--report-only` to rewrite the report from the records, `--tiny` for a random tiny
 Llama in seconds (the smoke test). `--apt NAME JSON` adds an APT recipe to the methods, e.g.
 `--apt "APT p=50" '{"num_prompts": 50}'`, so a new recipe can be compared with the same records. A method's records
-are keyed by its PEFT config: when `APTConfig()`'s defaults change, the `APT` row is rerun rather than reused.
+are keyed by its PEFT config and, for APT, by `peft_apt.layer.PARAMETRISATION_VERSION`: when `APTConfig()`'s defaults
+or the parametrisation change, the `APT` row is rerun rather than reused.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
-import inspect
 import json
 import math
 import random
@@ -57,34 +57,19 @@ LRS = (3e-4, 1e-3, 3e-3, 1e-2)
 
 
 def config_key(config: PeftConfig) -> str:
-    """A short fingerprint of what decides a method's training: its config fields, peft's version and, for APT, the
-    code of its formula and initialisation. An APT default can change without any config field changing (the
-    parametrisation lives in the layer), so records made by other code are rerun rather than reported as the current
-    default; edits elsewhere in the tuner (errors, serving) keep the records."""
-    fields = {k: v for k, v in config.to_dict().items() if k not in ("base_model_name_or_path", "revision")}
+    """A short fingerprint of what decides a method's training: the config as the method builds it (before
+    get_peft_model fills in the model's defaults), peft's version and, for APT, the parametrisation version the package
+    declares (the formula, init and multipliers live in the layer, not in the config). Unset (None) fields are left
+    out, so that a field added later and filled in at injection keeps the records."""
+    fields = {
+        k: v
+        for k, v in config.to_dict().items()
+        if v is not None and k not in ("base_model_name_or_path", "revision")
+    }
     fields["peft version"] = peft.__version__
     if isinstance(config, APTConfig):
-        fields["APT training code"] = apt_training_code_hash()
+        fields["APT parametrisation version"] = apt_layer.PARAMETRISATION_VERSION
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=_plain).encode()).hexdigest()[:12]
-
-
-# The code that decides what an APT run learns, beside its config: the formula, the init and the default's
-# multipliers (and the constants they read).
-APT_TRAINING_CODE = (
-    apt_layer.approximated_prompt_output,
-    apt_layer.calibrated_prompt_scale,
-    apt_layer.key_map_scale,
-    apt_layer.APTLayer.reset_apt_parameters,
-    apt_layer.APTLayer.prompts,
-    apt_layer.APTLayer.W2,
-)
-APT_TRAINING_CONSTANTS = ("INITIAL_TERM_RATIO", "TRAINED_PROMPT_STD_RATIO")
-
-
-def apt_training_code_hash() -> str:
-    sources = [inspect.getsource(code) for code in APT_TRAINING_CODE]
-    sources += [f"{name} = {getattr(apt_layer, name)!r}" for name in APT_TRAINING_CONSTANTS]
-    return hashlib.sha256("\n".join(sources).encode()).hexdigest()[:12]
 
 
 def _plain(value):
