@@ -62,9 +62,7 @@ def config_key(config: PeftConfig) -> str:
     declares (the formula, init and multipliers live in the layer, not in the config). Unset (None) fields are left
     out, so that a field added later and filled in at injection keeps the records."""
     fields = {
-        k: v
-        for k, v in config.to_dict().items()
-        if v is not None and k not in ("base_model_name_or_path", "revision")
+        k: v for k, v in config.to_dict().items() if v is not None and k not in ("base_model_name_or_path", "revision")
     }
     fields["peft version"] = peft.__version__
     if isinstance(config, APTConfig):
