@@ -362,9 +362,10 @@ def added_mflops(model: Dinov2Model, methods: list[str], args: argparse.Namespac
     return {method: added_forward_flops(METHODS[method], tail, hidden) / 1e6 for method in methods}
 
 
-# The bar of the issue "Stable APT recipe" is judged on the learning rates up to this one; the sweep may go higher.
+# The bar the default recipe is held to (`targets_markdown`) is judged on the learning rates up to this one; the
+# sweep may go higher.
 BAR_MAX_LR = 3e-3
-ISSUE_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+DEFAULT_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 BAR_MARGIN, BAR_MAX_STD = 1.0, 3.0
 
 
@@ -629,7 +630,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="methods run on the first seed only, to save time",
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--lrs", nargs="+", type=float, default=list(ISSUE_LRS))
+    parser.add_argument("--lrs", nargs="+", type=float, default=list(DEFAULT_LRS))
     parser.add_argument("--full-lrs", nargs="+", type=float, help="learning rates of full fine-tuning (default: --lrs)")
     parser.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warm-up over this share of the steps")
     parser.add_argument("--size", type=int, default=56, help="input pixels per side (patch 14: 56 -> 17 tokens)")
