@@ -1,16 +1,15 @@
 """
 APT's cost on a GPU: the 12 encoder layers of a ViLT-B/32-sized model timed alone.
 
-A whole ViLT on a GPU is dominated by its CPU-bound patch sampling (frozen, batch 32: 39 ms), which hides what the
-adapters cost; so the layers run alone, on random hidden states (batch B, n=185 tokens, d=768, random weights:
-cost does not depend on them), under bf16 autocast with fp32 weights as `Trainer --bf16` runs them. Methods: frozen,
-LoRA r=4 on query/value, APT p=200 and p=50 (APTConfig defaults otherwise), deep prompt (VPT-deep: p tokens joined
-to every layer's input) p=200 and p=50. Per batch size: inference (no_grad) and training step (forward, backward,
-AdamW on the trainable parameters) in interleaved repetitions, medians of per-repetition ratios (inference to the
-frozen layers, steps to LoRA), FLOPs, and peak CUDA memory above what was allocated before. At the first batch size
-also: a torch.profiler table of the top kernels of a step, and torch.compile of the whole stack (frozen, LoRA, APT;
-compile time reported apart and excluded from the timings). The targets (`gpu_targets`) are judged at the first batch
-size.
+A whole ViLT on a GPU is dominated by its CPU-bound patch sampling, which hides what the adapters cost; so the layers
+run alone, on random hidden states (batch B, n=185 tokens, d=768, random weights: cost does not depend on them), under
+bf16 autocast with fp32 weights as `Trainer --bf16` runs them. Methods: frozen, LoRA r=4 on query/value, APT p=200 and
+p=50 (APTConfig defaults otherwise), deep prompt (VPT-deep: p tokens joined to every layer's input) p=200 and p=50. Per
+batch size: inference (no_grad) and training step (forward, backward, AdamW on the trainable parameters) in interleaved
+repetitions, medians of per-repetition ratios (inference to the frozen layers, steps to LoRA), FLOPs, and peak CUDA
+memory above what was allocated before. At the first batch size also: a torch.profiler table of the top kernels of a
+step, and torch.compile of the whole stack (frozen, LoRA, APT; compile time reported apart and excluded from the
+timings). The targets (`gpu_targets`) are judged at the first batch size.
 
     python -m benchmarks.efficiency_layers --device cuda             # what benchmarks/gpu_check.sh runs
     python -m benchmarks.efficiency_layers --device cpu --tiny       # every code path, in seconds
