@@ -54,16 +54,17 @@ METHODS: dict[str, Callable[[], PeftConfig]] = {
     ),
 }
 LRS = (3e-4, 1e-3, 3e-3, 1e-2)
+# Config fields that do not decide what a run learns: where the base model was, and what APT records at injection
+NOT_KEYED = ("base_model_name_or_path", "revision", "multipliers")
 
 
 def config_key(config: PeftConfig) -> str:
     """A short fingerprint of what decides a method's training: the config as the method builds it (before
     get_peft_model fills in the model's defaults), peft's version and, for APT, the parametrisation version the package
-    declares (the formula, init and multipliers live in the layer, not in the config). Unset (None) fields are left
-    out, so that a field added later and filled in at injection keeps the records."""
-    fields = {
-        k: v for k, v in config.to_dict().items() if v is not None and k not in ("base_model_name_or_path", "revision")
-    }
+    declares (the formula, init and multipliers live in the layer, not in the config). Fields APT fills in itself
+    are left out, and so are unset (None) ones, so that a field added later and filled in at injection keeps the
+    records."""
+    fields = {k: v for k, v in config.to_dict().items() if v is not None and k not in NOT_KEYED}
     fields["peft version"] = peft.__version__
     if isinstance(config, APTConfig):
         fields["APT parametrisation version"] = apt_layer.PARAMETRISATION_VERSION

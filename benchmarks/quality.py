@@ -87,8 +87,8 @@ def _apt_init_ablation(num_prompts, small_W1=False, trained_prompt_std=None):
                 if small_W1:
                     W1.div_(math.sqrt(W1.shape[0]))
                 if trained_prompt_std:
-                    layer.prompt_scale["default"] = prompts.std().item() / trained_prompt_std
-                    layer.apt_prompt["default"].copy_(prompts / layer.prompt_scale["default"])
+                    layer.multipliers["default"]["prompt"] = prompts.std().item() / trained_prompt_std
+                    layer.apt_prompt["default"].copy_(prompts / layer.prompt_scale("default"))
         return model
 
     return attach

@@ -11,6 +11,9 @@ from peft.config import PeftConfig
 from peft.utils import SAFETENSORS_WEIGHTS_NAME, PeftType
 
 INIT_CHOICES = ("reference",)
+MULTIPLIER_NAMES = ("prompt", "W2")
+# the `multipliers` entry for every module without one of its own
+ANY_MODULE = "*"
 
 
 @dataclass
@@ -46,20 +49,20 @@ class APTConfig(PeftConfig):
         apt_dropout (`float`, defaults to `0.0`):
             Dropout probability on the prompt attention scores during training, as the reference code's `attn_drop`.
         init_weights (`Union[bool, Literal["reference"]]`, defaults to `True`):
-            How to initialise and parametrise the adapter. `True` (default): the reference init with two changes
-            that keep training stable at the learning rates LoRA uses, while the formula and the file stay the
-            reference ones. The prompts are P = c * apt_prompt with a fixed per-module multiplier c, set from p and
-            d alone (no data) so that the initial prompt term is 0.3% of a LayerNorm-sized input
-            (`INITIAL_TERM_RATIO`), with apt_prompt trained at 4x the reference std; and W2 = k * apt_W2 with
-            k = 1/sqrt(d) rounded to a power of two, which undoes the sqrt(d) by which W1 ~ N(0, 1) amplifies
-            steps on W2. The adapted model starts close to the frozen one (the reference init moves pretrained
-            DINOv2's attention outputs by 20% to 440%) and an optimiser step moves the prompt term by a bounded
-            fraction. Saved files hold the effective P and W2. `"reference"` reproduces the authors' code exactly:
-            `P ~ N(0, 0.02^2)`, `W1 ~ N(0, 1)`, `W2 = 0`, `s = 0`, every tensor trained as it is; use it to compare
-            with the paper. `False` draws every tensor at random, including `W2` and `s`, which only makes sense to
-            test that every term of the formula matters.
+            How to initialise and parametrise the adapter. `True` (default): the reference init with the prompts
+            scaled so that the initial prompt term is a small fraction of a normalised input, and `P` and `W2`
+            trained through fixed multipliers (`multipliers`) that bound each optimiser step's effect; the formula
+            is the reference one (see docs/initialisation.md). `"reference"`: the authors' code exactly
+            (`P ~ N(0, 0.02^2)`, `W1 ~ N(0, 1)`, `W2 = 0`, `s = 0`, every tensor trained as it is), to compare with
+            the paper. `False`: every tensor random, including `W2` and `s`; for tests only.
         modules_to_save (`Optional[list[str]]`):
             Modules besides the APT layers to train and save, for example a new classification head.
+        multipliers (`Optional[dict[str, dict[str, float]]]`):
+            Filled in by APT; leave it unset. The fixed multipliers of each adapted module, keyed by its path:
+            `{"prompt": c, "W2": k}` with P = c * apt_prompt and W2 = k * apt_W2 in the formula. They are recorded
+            when the adapter is created and saved in adapter_config.json beside the tensors, which are saved as
+            trained. The entry `"*"` applies to modules without one of their own: adapters saved by peft-apt 0.1,
+            whose files hold the formula's P and W2, load with `{"*": {"prompt": 1.0, "W2": 1.0}}`.
     """
 
     num_prompts: int = field(default=200, metadata={"help": "Number of approximated prompts per adapted module."})
@@ -98,6 +101,10 @@ class APTConfig(PeftConfig):
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Modules besides the APT layers to train and save, such as a new head."}
     )
+    multipliers: Optional[dict[str, dict[str, float]]] = field(
+        default=None,
+        metadata={"help": "Filled in by APT: each module's fixed multipliers of P and W2, saved with the adapter."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -118,6 +125,24 @@ class APTConfig(PeftConfig):
             raise ValueError("`layers_pattern` is only used together with `layers_to_transform`; set both.")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("`layers_to_transform` cannot be used with a regex `target_modules`; use a list of names.")
+        for module, entry in (self.multipliers or {}).items():
+            if not isinstance(entry, dict) or not set(entry) <= set(MULTIPLIER_NAMES):
+                raise ValueError(f"`multipliers[{module!r}]` must map {MULTIPLIER_NAMES} to numbers, got {entry!r}.")
+            for name, value in entry.items():
+                if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 < value < float("inf")):
+                    raise ValueError(f"`multipliers[{module!r}][{name!r}]` must be a positive number, got {value!r}.")
+
+    def module_multipliers(self, module: str) -> dict[str, float]:
+        """This config's record of the multipliers of `module` (a path), created from the `"*"` entry if it has none."""
+        return self.multipliers.setdefault(module, dict(self.multipliers.get(ANY_MODULE, {})))
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str, **kwargs):
+        """Read adapter_config.json; one written by peft-apt 0.1 (no `multipliers`) holds the formula's tensors."""
+        attributes = super().from_json_file(path_json_file, **kwargs)
+        if "multipliers" not in attributes:
+            attributes["multipliers"] = {ANY_MODULE: {"prompt": 1.0, "W2": 1.0}}
+        return attributes
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):

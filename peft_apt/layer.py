@@ -90,7 +90,8 @@ def calibrated_prompt_scale(num_prompts: int, hidden_size: int, target: float = 
     and with ||X||^2; on pretrained ViTs it starts as large as O itself and wrecks the features. APT's inputs X are
     normalised hidden states (||x|| ~ sqrt(d)), P is isotropic and K = P at init, so the term's size depends on p, d
     and ||x|| alone: fixed Gaussian draws measure it without data, the cube root gives the scale, and the result is
-    the same for every module of that p and d (so a reloaded adapter gets the c it was trained with).
+    the same for every module of that p and d (so a resumed adapter gets the c it was trained with, even where only
+    its tensors are loaded).
     """
     generator = torch.Generator().manual_seed(0)
     probes = torch.randn(256, hidden_size, generator=generator)
@@ -108,7 +109,7 @@ def key_map_scale(hidden_size: int) -> float:
     W1 ~ N(0, 1) (the reference init) makes P @ W1 sqrt(d) times larger than P, so a plain Adam step on W2 turns the
     keys K = P + P W1 W2 about sqrt(d) times faster than a step on P moves them; the term, quadratic in X K^T, then
     runs away at learning rates LoRA takes. k undoes that amplification without changing W1's init (with Adam, a
-    multiplier on a parameter is a learning rate on it). A power of two keeps W2 <-> apt_W2 exact in the file.
+    multiplier on a parameter is a learning rate on it). A power of two keeps the effective W2 exact in any format.
     """
     return 2.0 ** round(math.log2(hidden_size**-0.5))
 
@@ -173,16 +174,15 @@ class APTLayer(nn.Module, BaseTunerLayer):
     weights and code are never modified; `unload()` removes the hook.
 
     With the default init two tensors are trained through fixed multipliers, so that Adam's steps have the size that
-    keeps training stable whatever the prompts' scale: P = c * apt_prompt (`prompt_scale`; apt_prompt at
-    `TRAINED_PROMPT_STD_RATIO` times the reference std, so a small initial term does not turn a usual learning rate into
-    a huge relative one) and W2 = k * apt_W2 (`W2_scale`, see `key_map_scale`). State dicts, and so adapter files, hold
-    the effective P and W2 (`prompts()`, `W2()`), as with any other init.
+    keeps training stable whatever the prompts' scale: P = c * apt_prompt (apt_prompt at `TRAINED_PROMPT_STD_RATIO`
+    times the reference std, so a small initial term does not turn a usual learning rate into a huge relative one) and
+    W2 = k * apt_W2 (see `key_map_scale`); `prompts()` and `W2()` give the formula's tensors. Parameters are saved as
+    they are trained; the multipliers are kept in `multipliers[adapter_name]`, the adapter config's record for this
+    module (`APTConfig.multipliers`), and so saved in adapter_config.json.
     """
 
     adapter_layer_names = ("apt_prompt", "apt_W1", "apt_W2", "apt_s")
-    other_param_names = ("num_prompts", "r", "apt_dropout", "prompt_scale", "W2_scale")
-    # trainable tensor -> the attribute holding its fixed multiplier per adapter (the file holds the product)
-    scaled_tensors = {"apt_prompt": "prompt_scale", "apt_W2": "W2_scale"}
+    other_param_names = ("num_prompts", "r", "apt_dropout", "multipliers")
 
     def __init__(
         self,
@@ -193,6 +193,7 @@ class APTLayer(nn.Module, BaseTunerLayer):
         r: int,
         apt_dropout: float = 0.0,
         init_weights: Union[bool, str] = True,
+        multipliers: Optional[dict[str, float]] = None,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -204,8 +205,7 @@ class APTLayer(nn.Module, BaseTunerLayer):
         self.num_prompts: dict[str, int] = {}
         self.r: dict[str, int] = {}
         self.apt_dropout: dict[str, float] = {}
-        self.prompt_scale: dict[str, float] = {}
-        self.W2_scale: dict[str, float] = {}
+        self.multipliers: dict[str, dict[str, float]] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._active_adapter = adapter_name
@@ -213,9 +213,7 @@ class APTLayer(nn.Module, BaseTunerLayer):
         # nn.MultiheadAttention); models pass it positionally or by keyword.
         self.query_argument = next(iter(inspect.signature(base_layer.forward).parameters))
         self._projection_hook = self._projection().register_forward_hook(self._add_prompt_term)
-        self.register_state_dict_post_hook(_save_effective_tensors)
-        self.register_load_state_dict_pre_hook(_load_effective_tensors)
-        self.update_layer(adapter_name, num_prompts, r, apt_dropout, init_weights)
+        self.update_layer(adapter_name, num_prompts, r, apt_dropout, init_weights, multipliers)
 
     def _projection(self) -> nn.Module:
         """The module whose output is O: the output projection, or nn.MultiheadAttention itself."""
@@ -237,8 +235,18 @@ class APTLayer(nn.Module, BaseTunerLayer):
         return projection.out_proj.weight if isinstance(projection, nn.MultiheadAttention) else projection.weight
 
     def update_layer(
-        self, adapter_name: str, num_prompts: int, r: int, apt_dropout: float, init_weights: Union[bool, str]
+        self,
+        adapter_name: str,
+        num_prompts: int,
+        r: int,
+        apt_dropout: float,
+        init_weights: Union[bool, str],
+        multipliers: Optional[dict[str, float]] = None,
     ) -> None:
+        """
+        Add (or re-create) the adapter `adapter_name`. `multipliers` is the adapter config's record of this module's
+        multipliers: the values it holds are used (a loaded adapter's), the missing ones are set and written to it.
+        """
         d = self.hidden_size
         self.num_prompts[adapter_name] = num_prompts
         self.r[adapter_name] = r
@@ -247,6 +255,7 @@ class APTLayer(nn.Module, BaseTunerLayer):
         self.apt_W1[adapter_name] = nn.Parameter(torch.empty(d, r))
         self.apt_W2[adapter_name] = nn.Parameter(torch.empty(r, d))
         self.apt_s[adapter_name] = nn.Parameter(torch.empty(1))
+        self.multipliers[adapter_name] = {} if multipliers is None else multipliers
         self.reset_apt_parameters(adapter_name, init_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
@@ -254,13 +263,14 @@ class APTLayer(nn.Module, BaseTunerLayer):
     @torch.no_grad()
     def reset_apt_parameters(self, adapter_name: str, init_weights: Union[bool, str]) -> None:
         prompts, W1, W2, log_scale = (getattr(self, name)[adapter_name] for name in self.adapter_layer_names)
-        # The multipliers depend on p and d only, so adapters created empty (on the meta device, for loading) get them
-        # too. Powers of two make P <-> apt_prompt and W2 <-> apt_W2 exact in any float format (files round-trip);
-        # apt_prompt absorbs the rest of the calibrated scale, within a factor sqrt(2) of its target std.
+        # The multipliers depend on p and d only: a model built again from the same config gets the same ones, also
+        # where only the tensors are loaded (a resumed Trainer run). Powers of two keep P and W2 exact in any float
+        # format; apt_prompt absorbs the rest of the calibrated scale, within a factor sqrt(2) of its target std.
         default = init_weights is True
         scale = calibrated_prompt_scale(*prompts.shape) if default else 1.0
-        self.prompt_scale[adapter_name] = 2.0 ** round(math.log2(scale)) / (TRAINED_PROMPT_STD_RATIO if default else 1)
-        self.W2_scale[adapter_name] = key_map_scale(prompts.shape[1]) if default else 1.0
+        record = self.multipliers[adapter_name]
+        record.setdefault("prompt", 2.0 ** round(math.log2(scale)) / (TRAINED_PROMPT_STD_RATIO if default else 1))
+        record.setdefault("W2", key_map_scale(prompts.shape[1]) if default else 1.0)
         if prompts.is_meta:
             return
         # The reference code's initialisation: K = P and exp(s) = 1 at the start.
@@ -273,15 +283,23 @@ class APTLayer(nn.Module, BaseTunerLayer):
             return
         nn.init.zeros_(W2)
         nn.init.zeros_(log_scale)
-        prompts.mul_(scale / self.prompt_scale[adapter_name])
+        prompts.mul_(scale / self.prompt_scale(adapter_name))
+
+    def prompt_scale(self, adapter_name: str) -> float:
+        """c in P = c * apt_prompt."""
+        return self.multipliers[adapter_name]["prompt"]
+
+    def W2_scale(self, adapter_name: str) -> float:
+        """k in W2 = k * apt_W2."""
+        return self.multipliers[adapter_name]["W2"]
 
     def prompts(self, adapter_name: str) -> torch.Tensor:
-        """The effective prompts P of the formula (and of the adapter file): `prompt_scale` times `apt_prompt`."""
-        return self.prompt_scale[adapter_name] * self.apt_prompt[adapter_name]
+        """The effective prompts P of the formula: `prompt_scale` times `apt_prompt`."""
+        return self.prompt_scale(adapter_name) * self.apt_prompt[adapter_name]
 
     def W2(self, adapter_name: str) -> torch.Tensor:
-        """The effective W2 of the formula (and of the adapter file): `W2_scale` times `apt_W2`."""
-        return self.W2_scale[adapter_name] * self.apt_W2[adapter_name]
+        """The effective W2 of the formula: `W2_scale` times `apt_W2`."""
+        return self.W2_scale(adapter_name) * self.apt_W2[adapter_name]
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         """Follow the output projection's device and floating dtype (PEFT's autocast then keeps adapters in fp32)."""
@@ -381,8 +399,8 @@ class APTLayer(nn.Module, BaseTunerLayer):
                 self.apt_s[adapter_name],
                 dropout=self.apt_dropout[adapter_name],
                 training=self.training,
-                prompt_scale=self.prompt_scale[adapter_name],
-                W2_scale=self.W2_scale[adapter_name],
+                prompt_scale=self.prompt_scale(adapter_name),
+                W2_scale=self.W2_scale(adapter_name),
             )
         return result.to(output.dtype)
 
@@ -416,24 +434,3 @@ class APTLayer(nn.Module, BaseTunerLayer):
 
     def __repr__(self) -> str:
         return "apt." + super().__repr__()
-
-
-def _scaled_entries(layer: APTLayer, state_dict: dict, prefix: str):
-    """(key, multiplier) of each tensor in `state_dict` that the layer trains through a multiplier other than 1."""
-    for tensor_name, scales in layer.scaled_tensors.items():
-        for adapter_name, scale in getattr(layer, scales).items():
-            key = f"{prefix}{tensor_name}.{adapter_name}"
-            if key in state_dict and scale != 1.0:
-                yield key, scale
-
-
-def _save_effective_tensors(layer: APTLayer, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    """State dict post-hook: store the effective P and W2 (multiplier times trained tensor) under their usual keys."""
-    for key, scale in _scaled_entries(layer, state_dict, prefix):
-        state_dict[key] = state_dict[key] * scale
-
-
-def _load_effective_tensors(layer: APTLayer, state_dict: dict, prefix: str, *args) -> None:
-    """Load pre-hook, the inverse of `_save_effective_tensors`: the file's P and W2 are divided by their multipliers."""
-    for key, scale in _scaled_entries(layer, state_dict, prefix):
-        state_dict[key] = state_dict[key] / scale

@@ -58,6 +58,8 @@ class APTModel(BaseTuner):
             targets = self.target_module_mapping[model_type]
             # a regex stays a string (peft 0.18 would split it into a set of characters)
             peft_config.target_modules = targets if isinstance(targets, str) else set(targets)
+        if peft_config.multipliers is None:
+            peft_config.multipliers = {}
         return peft_config
 
     @staticmethod
@@ -87,6 +89,7 @@ class APTModel(BaseTuner):
             "r": apt_config.r,
             "apt_dropout": apt_config.apt_dropout,
             "init_weights": apt_config.init_weights,
+            "multipliers": apt_config.module_multipliers(current_key),
         }
         if isinstance(target, APTLayer):
             target.update_layer(adapter_name, **layer_kwargs)

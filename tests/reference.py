@@ -52,19 +52,22 @@ def run(model, inputs) -> list[torch.Tensor]:
 
 
 def multiplier(layer, tensor_name: str, adapter_name: str = "default") -> float:
-    """The fixed factor between a trained APT tensor and the formula's: its `scaled_tensors` multiplier, else 1."""
-    scales = layer.scaled_tensors.get(tensor_name)
-    return getattr(layer, scales)[adapter_name] if scales else 1.0
+    """The fixed factor between a trained APT tensor and the formula's: c for apt_prompt, k for apt_W2, else 1."""
+    scales = {"apt_prompt": layer.prompt_scale, "apt_W2": layer.W2_scale}
+    return scales[tensor_name](adapter_name) if tensor_name in scales else 1.0
 
 
 @torch.no_grad()
 def randomise_adapter(model, seed: int = 0, adapter_name: str = "default"):
     """Give every APT tensor a random effective value (the formula's P, W1, W2, s) large enough that each term of the
-    formula moves the output, whatever multipliers the layer trains P and W2 through."""
+    formula moves the output, whatever multipliers the layer trains P and W2 through (a prompt multiplier not yet
+    calibrated is set to 1)."""
     g = torch.Generator().manual_seed(seed)
     for layer in model.modules():
-        if not hasattr(layer, "scaled_tensors") or adapter_name not in layer.apt_prompt:
+        if not hasattr(layer, "multipliers") or adapter_name not in layer.apt_prompt:
             continue
+        if layer.multipliers[adapter_name]["prompt"] is None:
+            layer.multipliers[adapter_name]["prompt"] = 1.0
         for name in layer.adapter_layer_names:
             param = getattr(layer, name)[adapter_name]
             if name == "apt_s":

@@ -68,8 +68,8 @@ def test_config_keys_do_not_depend_on_the_hash_seed():
 
 
 def test_apt_records_follow_the_declared_parametrisation_version_and_the_config(monkeypatch):
-    """A new parametrisation version or a changed field reruns the APT row; a field added later and left unset (filled
-    in at injection) keeps the records."""
+    """A new parametrisation version or a changed field reruns the APT row; the multipliers APT records at injection,
+    and a field added later and left unset, keep the records."""
     from dataclasses import dataclass
     from typing import Optional
 
@@ -85,6 +85,8 @@ def test_apt_records_follow_the_declared_parametrisation_version_and_the_config(
     assert config_key(APTConfig(task_type="CAUSAL_LM")) == key
     assert config_key(APTConfigWithALaterField(task_type="CAUSAL_LM")) == key
     assert config_key(APTConfigWithALaterField(task_type="CAUSAL_LM", filled_in_at_injection=0.5)) != key
+    recorded = APTConfig(task_type="CAUSAL_LM", multipliers={"model.layers.0.self_attn": {"prompt": 0.5, "W2": 0.25}})
+    assert config_key(recorded) == key  # what APT records at injection
     assert config_key(APTConfig(task_type="CAUSAL_LM", num_prompts=50)) != key
     monkeypatch.setattr(apt_layer, "PARAMETRISATION_VERSION", apt_layer.PARAMETRISATION_VERSION + 1)
     assert config_key(APTConfig(task_type="CAUSAL_LM")) != key

@@ -60,50 +60,134 @@ def test_reference_init_is_the_authors_and_default_only_changes_scales():
         layers[init_weights] = adapted.base_model.model.encoder.layer[0].attention
     reference, default = layers["reference"], layers[True]
     P, W1, W2, s = (getattr(reference, n)["default"].detach() for n in reference.adapter_layer_names)
-    assert reference.prompt_scale["default"] == 1.0 and reference.W2_scale["default"] == 1.0
+    assert reference.multipliers["default"] == {"prompt": 1.0, "W2": 1.0}
     assert P.std().item() == pytest.approx(0.02, rel=0.02)
     assert W1.std().item() == pytest.approx(1.0, rel=0.05)
     assert not W2.any() and not s.any()
     # the default trains apt_prompt at 4x the reference scale; the formula and the file see P = c * apt_prompt
     for name, tensor in zip(default.adapter_layer_names[1:], (W1, W2, s)):
         torch.testing.assert_close(getattr(default, name)["default"].detach(), tensor)
-    multiplier = default.prompt_scale["default"]
+    multiplier = default.prompt_scale("default")
     assert multiplier == 2.0 ** round(math.log2(multiplier)) and multiplier < 0.5
     trained = default.apt_prompt["default"].detach()
     ratio = TRAINED_PROMPT_STD_RATIO
     assert ratio * 2**-0.5 <= (trained / P).mean().item() <= ratio * 2**0.5
     # W2 trains through 1/sqrt(384) rounded to a power of two
-    assert default.W2_scale["default"] == 2.0**-4
-    torch.testing.assert_close(default.W2("default"), default.W2_scale["default"] * default.apt_W2["default"])
+    assert default.W2_scale("default") == 2.0**-4
+    torch.testing.assert_close(default.W2("default"), default.W2_scale("default") * default.apt_W2["default"])
     torch.testing.assert_close(default.prompts("default"), multiplier * trained)
     torch.testing.assert_close(
         default.prompts("default") / P, torch.full_like(P, (default.prompts("default") / P).mean().item())
     )
 
 
-def test_state_dict_holds_the_effective_prompts_and_loads_back(tmp_path):
+def test_file_holds_the_trained_tensors_and_the_config_their_multipliers(tmp_path):
+    """What is saved does not depend on state-dict hooks (DeepSpeed ZeRO-3 reads the parameters directly): the file
+    holds the parameters as trained, adapter_config.json the multipliers, and the reloaded adapter computes the same."""
+    import json
+
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    model, hidden = pretrained_like_attention()
+    adapted = get_peft_model(model, APTConfig(num_prompts=50))
+    layer = adapted.base_model.model.encoder.layer[0].attention
+    with torch.no_grad():  # as after training
+        layer.apt_prompt["default"].normal_(std=0.05)
+        layer.apt_W2["default"].normal_(std=0.05)
+    adapted.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    prefix = "base_model.model.encoder.layer.0.attention."
+    for name in layer.adapter_layer_names:
+        assert torch.equal(saved[prefix + name], getattr(layer, name)["default"].detach())
+    recorded = json.loads((tmp_path / "adapter_config.json").read_text())["multipliers"]
+    assert recorded["encoder.layer.0.attention"] == {"prompt": layer.prompt_scale("default"), "W2": 2.0**-4}
+
+    fresh, _ = pretrained_like_attention()
+    loaded = PeftModel.from_pretrained(fresh, tmp_path).base_model.model.encoder.layer[0].attention
+    assert loaded.multipliers["default"] == layer.multipliers["default"]
+    with torch.no_grad():
+        assert torch.equal(loaded(hidden)[0], layer(hidden)[0])
+
+
+def test_recorded_multipliers_win_over_the_defaults(tmp_path):
+    """A reloaded adapter uses the multipliers it was trained with even where today's defaults differ."""
+    from peft import PeftModel
+
+    model, hidden = pretrained_like_attention()
+    adapted = get_peft_model(model, APTConfig(num_prompts=50))
+    layer = adapted.base_model.model.encoder.layer[0].attention
+    adapted.peft_config["default"].multipliers["encoder.layer.0.attention"].update(prompt=0.125, W2=0.5)
+    adapted.save_pretrained(tmp_path)
+    fresh, _ = pretrained_like_attention()
+    loaded = PeftModel.from_pretrained(fresh, tmp_path).base_model.model.encoder.layer[0].attention
+    assert loaded.multipliers["default"] == {"prompt": 0.125, "W2": 0.5}
+    torch.testing.assert_close(loaded.prompts("default"), 0.125 * layer.apt_prompt["default"])
+    torch.testing.assert_close(loaded.W2("default"), 0.5 * layer.apt_W2["default"])
+
+
+def test_adapter_saved_by_version_0_1_loads_to_the_same_outputs(tmp_path):
+    """peft-apt 0.1 saved the formula's P and W2 (trained tensor times multiplier) and no `multipliers` field."""
+    import json
+
+    from peft import PeftModel
+    from safetensors.torch import save_file
+
     model, hidden = pretrained_like_attention()
     adapted = get_peft_model(model, APTConfig(num_prompts=50))
     layer = adapted.base_model.model.encoder.layer[0].attention
     with torch.no_grad():
-        layer.apt_prompt["default"].normal_(std=0.05)  # as after training
-    key = "base_model.model.encoder.layer.0.attention.apt_prompt.default"
-    torch.testing.assert_close(adapted.state_dict()[key], layer.prompts("default").detach())
-    adapted.save_pretrained(tmp_path)
-    from safetensors.torch import load_file
-
-    saved = load_file(tmp_path / "adapter_model.safetensors")
-    torch.testing.assert_close(
-        saved["base_model.model.encoder.layer.0.attention.apt_prompt"], layer.prompts("default").detach()
+        layer.apt_prompt["default"].normal_(std=0.05)
+        layer.apt_W2["default"].normal_(std=0.05)
+        want = layer(hidden)[0]
+    prefix = "base_model.model.encoder.layer.0.attention."
+    tensors = {"apt_prompt": layer.prompts("default"), "apt_W1": layer.apt_W1["default"]}
+    tensors |= {"apt_W2": layer.W2("default"), "apt_s": layer.apt_s["default"]}
+    save_file(
+        {prefix + name: t.detach().contiguous() for name, t in tensors.items()}, tmp_path / "adapter_model.safetensors"
     )
-
-    from peft import PeftModel
+    config = adapted.peft_config["default"].to_dict()
+    del config["multipliers"]
+    config["target_modules"] = sorted(config["target_modules"])
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
 
     fresh, _ = pretrained_like_attention()
     loaded = PeftModel.from_pretrained(fresh, tmp_path).base_model.model.encoder.layer[0].attention
-    torch.testing.assert_close(loaded.prompts("default"), layer.prompts("default"))
+    assert loaded.multipliers["default"] == {"prompt": 1.0, "W2": 1.0}
     with torch.no_grad():
-        torch.testing.assert_close(loaded(hidden)[0], layer(hidden)[0])
+        torch.testing.assert_close(loaded(hidden)[0], want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_model_built_again_gets_the_same_multipliers_so_tensors_alone_resume_it():
+    """Trainer resumes an adapter by loading its tensors into a model built again, without its config."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    model, hidden = pretrained_like_attention()
+    trained = get_peft_model(model, APTConfig(num_prompts=50))
+    layer = trained.base_model.model.encoder.layer[0].attention
+    with torch.no_grad():
+        layer.apt_prompt["default"].normal_(std=0.05)
+    fresh, _ = pretrained_like_attention()
+    resumed = get_peft_model(fresh, APTConfig(num_prompts=50))
+    set_peft_model_state_dict(resumed, get_peft_model_state_dict(trained))
+    resumed_layer = resumed.base_model.model.encoder.layer[0].attention
+    assert resumed.peft_config["default"].multipliers == trained.peft_config["default"].multipliers
+    with torch.no_grad():
+        assert torch.equal(resumed_layer(hidden)[0], layer(hidden)[0])
+
+
+@pytest.mark.parametrize(
+    "multipliers, message",
+    [
+        ({"m": {"prompt": 0.0}}, r"multipliers\['m'\]\['prompt'\]"),
+        ({"m": {"W2": float("nan")}}, r"multipliers\['m'\]\['W2'\]"),
+        ({"m": {"key": 1.0}}, r"multipliers\['m'\]` must map"),
+        ({"m": 1.0}, r"multipliers\['m'\]` must map"),
+    ],
+)
+def test_bad_multipliers_name_the_entry(multipliers, message):
+    with pytest.raises(ValueError, match=message):
+        APTConfig(multipliers=multipliers)
 
 
 def test_calibration_hits_its_target_on_layernorm_sized_inputs():
@@ -125,7 +209,7 @@ def test_multiplier_depends_on_p_and_d_only_and_never_enlarges_the_reference_ini
         torch.manual_seed(seed)
         model, _ = pretrained_like_attention()
         layer = get_peft_model(model, APTConfig(num_prompts=200)).base_model.model.encoder.layer[0].attention
-        scales.add(layer.prompt_scale["default"])
+        scales.add(layer.prompt_scale("default"))
     assert len(scales) == 1 and scales.pop() < 1.0
     assert calibrated_prompt_scale(num_prompts=4, hidden_size=32) == 1.0  # tiny modules keep the reference scale
 
@@ -141,7 +225,7 @@ def test_low_cpu_mem_usage_loading_keeps_the_multiplier(tmp_path):
     loaded = PeftModel.from_pretrained(fresh, tmp_path, low_cpu_mem_usage=True)
     layer = trained.base_model.model.encoder.layer[0].attention
     loaded_layer = loaded.base_model.model.encoder.layer[0].attention
-    assert loaded_layer.prompt_scale == layer.prompt_scale and layer.prompt_scale["default"] < 1.0
+    assert loaded_layer.multipliers == layer.multipliers and layer.prompt_scale("default") < 1.0
     assert torch.equal(loaded_layer.apt_prompt["default"], layer.apt_prompt["default"])
 
 
@@ -151,9 +235,9 @@ def prompt_term_change_after_adam(steps: int, old_parametrisation: bool = False,
     layer = get_peft_model(model, APTConfig(num_prompts=200)).base_model.model.encoder.layer[0].attention
     if old_parametrisation:  # the default before the stable recipe: prompts at the reference scale, W2 trained plainly
         with torch.no_grad():
-            layer.prompt_scale["default"] *= TRAINED_PROMPT_STD_RATIO
+            layer.multipliers["default"]["prompt"] *= TRAINED_PROMPT_STD_RATIO
             layer.apt_prompt["default"].div_(TRAINED_PROMPT_STD_RATIO)
-        layer.W2_scale["default"] = 1.0
+        layer.multipliers["default"]["W2"] = 1.0
 
     def prompt_term():
         with torch.no_grad():
