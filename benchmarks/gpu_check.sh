@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# Issue #11 on one GPU, in one call of under 4 minutes (benchmarks/GPU_RUN.md says how to launch it):
+# APT's correctness and cost on one GPU, in one call of under 4 minutes (benchmarks/GPU_RUN.md says more):
 #   1. correctness: an APT layer of ViLT-B's size against the float64 reference, on CUDA, fp32 and bf16 autocast
 #      (tests/test_device_numerics.py), up to 60 s;
 #   2. cost: ViLT-B/32's 12 encoder layers alone under bf16 autocast, batch 64 (targets), 8 and 256, a profiler table
 #      and torch.compile of the whole stack (benchmarks/efficiency_layers.py), up to 175 s: a further batch size or
 #      compiled model starts only if expected to end within 150 s, and what was measured is written after every phase.
-# Run from the repository root; a .whl folder of carried wheels (aenum, peft, transformers, regex) is installed
-# first, into $SITE (/tmp/site).
+# Run from the repository root. For a machine without network, wheels in .whl/ (aenum, peft, transformers, regex)
+# are installed first, into $SITE (/tmp/site).
 #     bash benchmarks/gpu_check.sh
 #     DEVICE=cpu TINY=1 PYTHON=/path/to/venv/python bash benchmarks/gpu_check.sh    # the same path on CPU, tiny sizes
 # Writes numerics.log, efficiency_layers.log, efficiency_layers.json, profile.txt and RESULTS.md (its section) to
-# $OUT (the device runner's output folder) or outputs/gpu-check. Exits non-zero if a step failed; every step runs.
+# $OUT when set, else outputs/gpu-check. Exits non-zero if a step failed; every step runs.
 set -uo pipefail
 DEVICE=${DEVICE:-cuda}
 OUTPUT=${OUT:-outputs/gpu-check}

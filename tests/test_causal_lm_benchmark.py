@@ -67,14 +67,26 @@ def test_config_keys_do_not_depend_on_the_hash_seed():
     assert len(outputs) == 1 and len(eval(outputs.pop())) == len(METHODS)
 
 
-def test_apt_records_follow_the_parametrisation_not_the_rest_of_the_tuner(monkeypatch):
-    """A new default multiplier reruns the APT row; the same code gives the same key."""
+def test_apt_records_follow_the_declared_parametrisation_version_and_the_config(monkeypatch):
+    """A new parametrisation version or a changed field reruns the APT row; the multipliers APT records at injection,
+    and a field added later and left unset, keep the records."""
+    from dataclasses import dataclass
+    from typing import Optional
+
     from benchmarks.causal_lm_quality import config_key
     from peft_apt import APTConfig
     from peft_apt import layer as apt_layer
 
+    @dataclass
+    class APTConfigWithALaterField(APTConfig):
+        filled_in_at_injection: Optional[float] = None
+
     key = config_key(APTConfig(task_type="CAUSAL_LM"))
     assert config_key(APTConfig(task_type="CAUSAL_LM")) == key
+    assert config_key(APTConfigWithALaterField(task_type="CAUSAL_LM")) == key
+    assert config_key(APTConfigWithALaterField(task_type="CAUSAL_LM", filled_in_at_injection=0.5)) != key
+    recorded = APTConfig(task_type="CAUSAL_LM", multipliers={"model.layers.0.self_attn": {"prompt": 0.5, "W2": 0.25}})
+    assert config_key(recorded) == key  # what APT records at injection
     assert config_key(APTConfig(task_type="CAUSAL_LM", num_prompts=50)) != key
-    monkeypatch.setattr(apt_layer, "TRAINED_PROMPT_STD_RATIO", apt_layer.TRAINED_PROMPT_STD_RATIO * 2)
+    monkeypatch.setattr(apt_layer, "PARAMETRISATION_VERSION", apt_layer.PARAMETRISATION_VERSION + 1)
     assert config_key(APTConfig(task_type="CAUSAL_LM")) != key

@@ -49,6 +49,7 @@ def test_causal_lm_tiny_learns_generates_and_reloads(tmp_path):
 
 def test_quickstart_tiny_trains_head_only_and_apt_saves_and_reloads(tmp_path):
     out = run_example("quickstart.py", "--output_dir", str(tmp_path), "--disable_tqdm", "true")
+    assert out.splitlines()[0].startswith("Model: a tiny random DINOv2")  # what it adapts comes first
     accuracy = {name.strip(): float(value) for name, value in re.findall(r"^  (\w[\w -]+?) +([01]\.\d{3})$", out, re.M)}
     assert set(accuracy) == {"majority class", "head-only", "APT before training", "APT after training", "APT reloaded"}
     assert accuracy["majority class"] == pytest.approx(0.5, abs=0.02)  # textile: half nominal

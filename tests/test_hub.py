@@ -147,3 +147,39 @@ def test_push_to_hub_updates_the_hub_card_instead_of_replacing_it(hub, tmp_path)
     assert card.data.library_name == "peft" and card.data.base_model == BASE_ID
     assert "Notes by hand." in card.text
     assert card.text.count("import peft_apt") == 1
+
+
+def test_a_lora_models_push_and_card_are_the_same_with_and_without_peft_apt(tmp_path):
+    """peft_apt's changes to PeftModel's card writer and push_to_hub reach APT adapters only: a LoRA model pushes and
+    saves byte-identical files, cards included, whether or not peft_apt was imported (each case in a fresh process,
+    since an import cannot be undone)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torch.manual_seed(0)
+    config = ViltConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, num_labels=5)
+    ViltForQuestionAnswering(config).save_pretrained(tmp_path / "base")
+    root = Path(__file__).resolve().parents[1]
+    # one hash seed for both: LoraConfig keeps target_modules as a set, saved in its iteration order
+    env = {**os.environ, "PYTHONPATH": str(root), "PYTHONHASHSEED": "0", "HF_HUB_OFFLINE": "1"}
+    env["HF_HUB_CACHE"] = str(tmp_path / "cache")
+    files = {}
+    for with_apt in ("0", "1"):
+        out = tmp_path / f"with_apt_{with_apt}"
+        command = [sys.executable, str(root / "tests" / "push_lora.py"), str(tmp_path / "base"), str(out), with_apt]
+        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        files[with_apt] = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert sorted(files["0"]) == [
+        "pushed/README.md",
+        "pushed/adapter_config.json",
+        "pushed/adapter_model.safetensors",
+        "saved/README.md",
+        "saved/adapter_config.json",
+        "saved/adapter_model.safetensors",
+    ]
+    assert files["1"] == files["0"]
+    assert b"peft_apt" not in files["1"]["pushed/README.md"] + files["1"]["saved/README.md"]
+    assert b"library_name: peft" in files["1"]["saved/README.md"]  # PEFT's card on save, transformers' on push

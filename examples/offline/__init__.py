@@ -6,6 +6,6 @@
 - `text`: Python's own standard-library source as a text corpus, split into training and held-out files.
 
 It lives beside the examples, not in `peft_apt`: the library is a tuner and must not depend on these packages or
-carry their converters. Examples import it as `offline` (their folder is on `sys.path`), benchmarks and tests as
-`examples.offline`; it never imports `peft_apt`, so both are the same code.
+carry their converters. Examples, benchmarks and tests all import it as `examples.offline` (the examples' `_common`
+puts the repository root on their path).
 """

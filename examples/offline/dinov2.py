@@ -273,6 +273,17 @@ def verify_against_onnxruntime(
     return diffs
 
 
+def cache_paths(onnx_path: Path, cache_dir: str | Path = DEFAULT_CACHE_DIR) -> tuple[Path, Path]:
+    """(weights, config) of the converted model, keyed by the ONNX file's sha256."""
+    cache_path = Path(cache_dir) / f"dinov2_small_{file_sha256(onnx_path)[:16]}"
+    return cache_path.with_suffix(".safetensors"), cache_path.with_suffix(".json")
+
+
+def is_converted(cache_dir: str | Path = DEFAULT_CACHE_DIR) -> bool:
+    """Whether `load_dinov2_small` will load cached weights rather than convert (which takes a while)."""
+    return all(path.exists() for path in cache_paths(find_onnx_file(), cache_dir))
+
+
 def load_dinov2_small(cache_dir: str | Path = DEFAULT_CACHE_DIR, verify: bool = False) -> Dinov2Model:
     """Pretrained DINOv2 ViT-S/14 in eval mode, fp32.
 
@@ -282,8 +293,7 @@ def load_dinov2_small(cache_dir: str | Path = DEFAULT_CACHE_DIR, verify: bool = 
     from safetensors.torch import load_file, save_file
 
     onnx_path = find_onnx_file()
-    cache_path = Path(cache_dir) / f"dinov2_small_{file_sha256(onnx_path)[:16]}"
-    weights_path, config_path = cache_path.with_suffix(".safetensors"), cache_path.with_suffix(".json")
+    weights_path, config_path = cache_paths(onnx_path, cache_dir)
 
     if weights_path.exists() and config_path.exists():
         model = Dinov2Model(Dinov2Config.from_json_file(str(config_path)))
@@ -295,7 +305,7 @@ def load_dinov2_small(cache_dir: str | Path = DEFAULT_CACHE_DIR, verify: bool = 
 
     model = convert_onnx(onnx_path)
     diffs = verify_against_onnxruntime(model, onnx_path)
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
     save_file(
         {k: v.contiguous() for k, v in model.state_dict().items()},
         str(weights_path),
