@@ -32,7 +32,7 @@ from .hub import install as _install_model_cards  # noqa: E402
 from .layer import APTLayer, approximated_prompt_output  # noqa: E402
 from .model import APTModel  # noqa: E402
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 
 def _register() -> None:
