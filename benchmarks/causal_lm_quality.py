@@ -27,8 +27,8 @@ from typing import Callable
 
 import peft
 import torch
-from peft import LoraConfig, PeftConfig, PromptTuningConfig, get_peft_model
-from transformers import get_cosine_schedule_with_warmup
+from peft import LoraConfig, PeftConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from examples.offline.text import perplexity, stdlib_sources, token_blocks
 from examples.tiny_models import tiny_corpus, tiny_llama, word_tokenizer
@@ -52,10 +52,25 @@ METHODS: dict[str, Callable[[], PeftConfig]] = {
     "prompt tuning p=20": lambda: PromptTuningConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=20, prompt_tuning_init="SAMPLE_VOCAB"
     ),
+    # deep prompt tuning, the paper's baseline: learnt keys and values in every layer
+    "prefix tuning p=20": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20),
+    "APT, reference optimiser": lambda: APTConfig(task_type="CAUSAL_LM"),
 }
+# Methods trained with the authors' optimiser (APT_SPEC.md): AdamW with betas (0.9, 0.98) and weight decay 0.01 on
+# every tensor whose name has no "bias" or "norm", linear warm-up over 10% of the steps, then linear decay to 0. The
+# others use AdamW without weight decay, 10% warm-up and cosine decay.
+REFERENCE_OPTIMISER_METHODS = ("APT, reference optimiser",)
 LRS = (3e-4, 1e-3, 3e-3, 1e-2)
 # Config fields that do not decide what a run learns: where the base model was, and what APT records at injection
 NOT_KEYED = ("base_model_name_or_path", "revision", "multipliers")
+
+
+def run_key(name: str, config: PeftConfig) -> str:
+    """What decides a method's run: its config and, for the methods trained so, the reference optimiser."""
+    key = config_key(config)
+    if name in REFERENCE_OPTIMISER_METHODS:
+        key = hashlib.sha256(f"{key} reference optimiser".encode()).hexdigest()[:12]
+    return key
 
 
 def config_key(config: PeftConfig) -> str:
@@ -97,13 +112,27 @@ def load_base(args: argparse.Namespace):
     return model.eval(), tokenizer, train_blocks, held_out_blocks
 
 
-def train_and_evaluate(config: PeftConfig, base, train_blocks, held_out_blocks, lr: float, seed: int, args) -> dict:
-    """AdamW (no weight decay) with warm-up and cosine decay for `args.steps` steps; held-out perplexity after."""
+def optimiser_of(model, lr: float, steps: int, reference: bool):
+    """(optimizer, schedule): the reference optimiser (see REFERENCE_OPTIMISER_METHODS) or the benchmark's own."""
+    warmup = max(1, steps // 10)
+    parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if not reference:
+        optimizer = torch.optim.AdamW(parameters.values(), lr=lr, weight_decay=0.0)
+        return optimizer, get_cosine_schedule_with_warmup(optimizer, warmup, steps)
+    decayed = [p for name, p in parameters.items() if "bias" not in name and "norm" not in name]
+    kept = [p for name, p in parameters.items() if "bias" in name or "norm" in name]
+    groups = [{"params": decayed, "weight_decay": 0.01}, {"params": kept, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-8)
+    return optimizer, get_linear_schedule_with_warmup(optimizer, warmup, steps)
+
+
+def train_and_evaluate(
+    config: PeftConfig, base, train_blocks, held_out_blocks, lr: float, seed: int, args, reference_optimiser=False
+) -> dict:
+    """`args.steps` optimiser steps (see `optimiser_of`); held-out perplexity after."""
     torch.manual_seed(seed)
     model = get_peft_model(copy.deepcopy(base), config)
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
-    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, args.steps // 10), args.steps)
+    optimizer, schedule = optimiser_of(model, lr, args.steps, reference_optimiser)
     order = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(seed))
     start = time.perf_counter()
     model.train()
@@ -159,12 +188,13 @@ def run_sweep(args: argparse.Namespace) -> None:
         for name, make_config in methods_of(args).items():
             for lr in args.lrs:
                 config = make_config()
-                key = config_key(config)  # before get_peft_model fills in the model's defaults
+                key = run_key(name, config)  # before get_peft_model fills in the model's defaults
                 if (key, lr, seed) in done:
                     continue
                 if frozen is None:
                     frozen = perplexity(base, held_out_blocks, args.batch_size)
-                record = train_and_evaluate(config, base, train_blocks, held_out_blocks, lr, seed, args)
+                reference = name in REFERENCE_OPTIMISER_METHODS
+                record = train_and_evaluate(config, base, train_blocks, held_out_blocks, lr, seed, args, reference)
                 record.update(
                     method=name,
                     lr=lr,
@@ -187,7 +217,7 @@ def run_sweep(args: argparse.Namespace) -> None:
 def report(args: argparse.Namespace) -> str:
     """The RESULTS.md section and the perplexity-vs-lr plot, from the records of the current methods' configs."""
     methods = methods_of(args)
-    current = {name: config_key(make()) for name, make in methods.items()}
+    current = {name: run_key(name, make()) for name, make in methods.items()}
     records = [r for r in read_records(args.output_dir, setup_of(args)) if current.get(r["method"]) == r["config_key"]]
     if not records:
         raise ValueError(f"No records of {sorted(methods)} with setup {setup_of(args)} in {args.output_dir}")
@@ -237,8 +267,10 @@ def setup_lines(records: list[dict], methods: dict, table: dict, frozen: float, 
     return [
         f"Model: {model}. Training data: blocks of {args.block_size} tokens from the Python standard library's "
         f"top-level modules of this Python version, one file in five held out by a hash of its name; "
-        f"{args.steps} AdamW steps of {args.batch_size} blocks (no weight decay, 10% warm-up, cosine decay) for every "
-        f"method, the same blocks for every method and lr, their order set by the seed. Held-out perplexity on "
+        f"{args.steps} AdamW steps of {args.batch_size} blocks (no weight decay, 10% warm-up, cosine decay; rows "
+        "named 'reference optimiser': betas (0.9, 0.98), weight decay 0.01 but on biases and norms, 10% warm-up, "
+        "linear decay) for every method, the same blocks for every method and lr, their order set by the seed. "
+        "Held-out perplexity on "
         f"{args.eval_blocks} blocks of the held-out modules; lower is better. The frozen model scores "
         f"**{frozen:.2f}**. Seeds {seeds}; mean ± std over seeds. Methods and their configs:",
         "",

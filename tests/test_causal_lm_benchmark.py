@@ -4,6 +4,8 @@ appear, finished runs are reused, and a new APT recipe runs next to them."""
 import json
 import math
 
+import pytest
+
 from benchmarks.causal_lm_quality import METHODS, main
 
 
@@ -90,3 +92,28 @@ def test_apt_records_follow_the_declared_parametrisation_version_and_the_config(
     assert config_key(APTConfig(task_type="CAUSAL_LM", num_prompts=50)) != key
     monkeypatch.setattr(apt_layer, "PARAMETRISATION_VERSION", apt_layer.PARAMETRISATION_VERSION + 1)
     assert config_key(APTConfig(task_type="CAUSAL_LM")) != key
+
+
+def test_reference_optimiser_is_the_authors_and_keys_its_runs_apart():
+    import torch
+    from peft import get_peft_model
+
+    from benchmarks.causal_lm_quality import optimiser_of, run_key
+    from examples.tiny_models import tiny_llama, word_tokenizer
+
+    model = get_peft_model(tiny_llama(word_tokenizer(["a b c"])), METHODS["APT, reference optimiser"]())
+    with torch.no_grad():  # a trainable bias and norm, to see them kept out of weight decay
+        model.base_model.model.model.norm.weight.requires_grad_(True)
+    optimizer, schedule = optimiser_of(model, lr=1e-3, steps=10, reference=True)
+    decayed, kept = optimizer.param_groups
+    assert (decayed["weight_decay"], kept["weight_decay"]) == (0.01, 0.0) and decayed["betas"] == (0.9, 0.98)
+    assert len(kept["params"]) == 1 and kept["params"][0] is model.base_model.model.model.norm.weight
+    assert len(decayed["params"]) == 4 * len(model.base_model.model.model.layers)  # P, W1, W2, s per layer
+    rates = []
+    for _ in range(10):
+        rates.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    assert rates[0] == 0.0 and rates[1] == 1e-3 and schedule.get_last_lr()[0] == 0.0  # 1 warm-up step, linear to 0
+    assert rates[1] - rates[2] == pytest.approx(rates[2] - rates[3])
+    assert run_key("APT, reference optimiser", METHODS["APT"]()) != run_key("APT", METHODS["APT"]())
