@@ -94,6 +94,18 @@ def _pixels(size=32, batch=2):
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(2))
 
 
+# CLIP's and SigLIP's whole models: a text tower of width 32 and a vision tower of width 48, two blocks each
+TWO_TOWERS = (
+    [
+        Layout(
+            [f"{tower}_model.encoder.layers.{i}.self_attn" for tower in ("text", "vision") for i in range(2)],
+            "out_proj",
+        )
+    ],
+    [32, 32, 48, 48],
+)
+
+
 def _seeded(fn):
     def build():
         torch.manual_seed(0)
@@ -267,13 +279,7 @@ FAMILIES = {
             )
         ),
         lambda: {**_text(), "pixel_values": _pixels()},
-        [
-            Layout(
-                [f"{tower}_model.encoder.layers.{i}.self_attn" for tower in ("text", "vision") for i in range(2)],
-                "out_proj",
-            )
-        ],
-        [32, 32, 48, 48],
+        *TWO_TOWERS,
     ),
     "clip_vision_model": Family(
         "clip_vision_model",
@@ -299,16 +305,21 @@ FAMILIES = {
         ],
         32,
     ),
-    "vit": Family(
-        "vit",
-        _seeded(lambda: T.ViTModel(T.ViTConfig(hidden_size=32, image_size=32, patch_size=8, **SMALL))),
-        lambda: {"pixel_values": _pixels()},
-        [
-            Layout(_layers("layers.{}.attention"), "o_proj"),  # newer transformers releases
-            Layout(_layers("encoder.layer.{}.attention"), "output.dense"),
-        ],
-        32,
-    ),
+    **{
+        name: Family(
+            name,
+            _seeded(
+                lambda model=model, config=config: model(config(hidden_size=32, image_size=32, patch_size=8, **SMALL))
+            ),
+            lambda: {"pixel_values": _pixels()},
+            [
+                Layout(_layers("layers.{}.attention"), "o_proj"),  # newer transformers releases
+                Layout(_layers("encoder.layer.{}.attention"), "output.dense"),
+            ],
+            32,
+        )
+        for name, model, config in [("vit", T.ViTModel, T.ViTConfig), ("deit", T.DeiTModel, T.DeiTConfig)]
+    },
     "dinov2": Family(
         "dinov2",
         _seeded(lambda: T.Dinov2Model(T.Dinov2Config(hidden_size=32, image_size=32, patch_size=8, **SMALL))),
@@ -522,16 +533,6 @@ FAMILIES = {
             ("deberta-v2", lambda: T.DebertaV2Model(T.DebertaV2Config(hidden_size=32, vocab_size=99, **SMALL))),
         ]
     },
-    "deit": Family(
-        "deit",
-        _seeded(lambda: T.DeiTModel(T.DeiTConfig(hidden_size=32, image_size=32, patch_size=8, **SMALL))),
-        lambda: {"pixel_values": _pixels()},
-        [
-            Layout(_layers("layers.{}.attention"), "o_proj"),  # newer transformers releases
-            Layout(_layers("encoder.layer.{}.attention"), "output.dense"),
-        ],
-        32,
-    ),
     "siglip": Family(
         "siglip",
         _seeded(
@@ -544,13 +545,7 @@ FAMILIES = {
             )
         ),
         lambda: {**_text(), "pixel_values": _pixels()},
-        [
-            Layout(
-                [f"{tower}_model.encoder.layers.{i}.self_attn" for tower in ("text", "vision") for i in range(2)],
-                "out_proj",
-            )
-        ],
-        [32, 32, 48, 48],
+        *TWO_TOWERS,
     ),
     "gemma3": Family(
         "gemma3",

@@ -38,20 +38,12 @@ def assert_adapter_at_top(output_dir: Path):
     assert "import peft_apt" in (output_dir / "README.md").read_text()
 
 
+# the tiny examples' runs that must learn: 250 steps of 32
+LEARNING_RUN = ["--tiny", "--max_steps", "250", "--per_device_train_batch_size", "32", "--disable_tqdm", "true"]
+
+
 def test_tiny_vqa_learns_beyond_what_the_question_alone_gives(tmp_path, capsys):
-    metrics = vilt_vqa.main(
-        [
-            "--tiny",
-            "--max_steps",
-            "250",
-            "--per_device_train_batch_size",
-            "32",
-            "--output_dir",
-            str(tmp_path),
-            "--disable_tqdm",
-            "true",
-        ]
-    )
+    metrics = vilt_vqa.main([*LEARNING_RUN, "--output_dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "trainable params" in out and "Final VQA accuracy" in out
     evaluation = vilt_vqa.tiny_vqa_records(400, seed=1)
@@ -62,19 +54,7 @@ def test_tiny_vqa_learns_beyond_what_the_question_alone_gives(tmp_path, capsys):
 
 
 def test_tiny_clip_learns_digits(tmp_path, capsys):
-    metrics = clip_image_classification.main(
-        [
-            "--tiny",
-            "--max_steps",
-            "250",
-            "--per_device_train_batch_size",
-            "32",
-            "--output_dir",
-            str(tmp_path),
-            "--disable_tqdm",
-            "true",
-        ]
-    )
+    metrics = clip_image_classification.main([*LEARNING_RUN, "--output_dir", str(tmp_path)])
     assert "Final accuracy" in capsys.readouterr().out
     assert metrics["eval_accuracy"] > 0.25  # chance: 0.1
     assert_adapter_at_top(tmp_path)
