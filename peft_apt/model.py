@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from contextlib import contextmanager
 
@@ -120,6 +121,18 @@ class APTModel(BaseTuner):
             setattr(parent, child_name, new_module)
             return
         super()._replace_module(parent, child_name, new_module, child)
+
+    def forward(self, *args, **kwargs):
+        """
+        The base model's forward. PEFT's task classes pass `input_ids=None` and `inputs_embeds=None` to every model;
+        one whose forward has no such parameter (Whisper takes `input_features`) would hand them on to its decoder
+        beside its own, so they are left out there.
+        """
+        parameters = inspect.signature(self.model.forward).parameters
+        for name in ("input_ids", "inputs_embeds"):
+            if name in kwargs and kwargs[name] is None and name not in parameters:
+                del kwargs[name]
+        return self.model(*args, **kwargs)
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):

@@ -1,8 +1,8 @@
 """Encoder-decoders as PEFT users run them: `task_type="SEQ_2_SEQ_LM"` gives a `PeftModelForSeq2SeqLM` that trains
-(the loss falls with only APT's tensors trained), generates, saves, and reloads exactly with
-`AutoPeftModelForSeq2SeqLM` from the adapter folder alone. Whisper runs without a task type, as with LoRA:
-`PeftModelForSeq2SeqLM.forward` passes `input_ids`, which Whisper's forward does not take (PEFT issue #1988), and
-transformers' `AutoModelForSeq2SeqLM` has no Whisper (`AutoModelForSpeechSeq2Seq` has)."""
+(the loss falls with only APT's tensors trained), generates, saves, and reloads exactly, with
+`AutoPeftModelForSeq2SeqLM` from the adapter folder alone. Whisper too, although `PeftModelForSeq2SeqLM.forward`
+passes `input_ids=None`, which Whisper would hand on to its decoder (`APTModel.forward` leaves it out); it reloads
+with `PeftModel.from_pretrained`, since transformers' `AutoModelForSeq2SeqLM` has no Whisper."""
 
 import pytest
 import torch
@@ -34,7 +34,7 @@ def train(model, family):
 
 @pytest.mark.parametrize(
     "family, task_type",
-    [(FAMILIES["t5"], "SEQ_2_SEQ_LM"), (FAMILIES["bart"], "SEQ_2_SEQ_LM"), (FAMILIES["whisper"], None)],
+    [(FAMILIES["t5"], "SEQ_2_SEQ_LM"), (FAMILIES["bart"], "SEQ_2_SEQ_LM"), (FAMILIES["whisper"], "SEQ_2_SEQ_LM")],
     ids=["t5", "bart", "whisper"],
 )
 def test_seq2seq_trains_generates_and_reloads(family, task_type, tmp_path):
@@ -54,11 +54,11 @@ def test_seq2seq_trains_generates_and_reloads(family, task_type, tmp_path):
     assert (scores - base_scores)[finite].abs().max() > 1e-3  # the trained adapter takes part in generate()
     model.save_pretrained(tmp_path / "adapter")
 
-    if task_type == "SEQ_2_SEQ_LM":
+    if family.name != "whisper":
         loaded = AutoPeftModelForSeq2SeqLM.from_pretrained(tmp_path / "adapter")
-        assert isinstance(loaded, PeftModelForSeq2SeqLM)
     else:
         loaded = PeftModel.from_pretrained(model_class.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    assert isinstance(loaded, PeftModelForSeq2SeqLM)
     loaded.eval()
     with torch.no_grad():
         reloaded, reloaded_scores = generate(loaded, family, use_cache=True)
