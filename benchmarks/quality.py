@@ -6,7 +6,10 @@ blocks before the adapted ones are frozen for every method, so their outputs are
 cached: that changes no method's result and is what makes the sweep fit a small CPU.
 
 Run from the repository root: `python -m benchmarks.quality` (the CPU sweep), `--tiny` (a random tiny DINOv2, seconds,
-for the smoke test), or on a GPU the whole model at 224 px (see `benchmarks/gpu_quality.sh`).
+for the smoke test), or on a GPU the whole model at 224 px (see `benchmarks/gpu_quality.sh`). A few-shot check:
+`--adapted-layers 12 --size 112 --n-train 48 --epochs 4 --batch-size 12 --weight-decay 0.01` (16 steps). Each record
+also says why a run ends where it does: the test features' cosine to the frozen model's, the classes' separation
+before and after, and for APT how much its term points along the tokens' common direction, before and after.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from transformers import Dinov2Model, get_cosine_schedule_with_warmup
 from examples.offline.images import load_dataset
 from examples.tiny_models import tiny_dinov2
 from peft_apt import APTConfig, APTLayer, approximated_prompt_output
+from peft_apt.layer import PARAMETRISATION_VERSION
 
 from .baselines import add_deep_prompts, count_trainable_parameters, lora_config_for, set_backbone_trainable
 from .markdown import RESULTS_PATH, environment, write_section
@@ -146,8 +150,8 @@ def pooled_features(tail: Dinov2Model, hidden: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def prompt_term_ratios(tail: nn.Module, hidden: torch.Tensor) -> list[float]:
-    """Per APT layer, ||a * (A @ P)|| / ||O|| over a batch: how far the adapter starts from the frozen attention."""
+def prompt_terms(tail: nn.Module, hidden: torch.Tensor) -> list[dict]:
+    """Per APT layer, on a batch: its input X, the attention output O before the term, and the term a * (A @ P)."""
     captured, handles = [], []
     for module in tail.modules():
         if not isinstance(module, APTLayer):
@@ -166,19 +170,34 @@ def prompt_term_ratios(tail: nn.Module, hidden: torch.Tensor) -> list[float]:
     pooled_features(tail, hidden)
     for handle in handles:
         handle.remove()
-    ratios = []
     for record in captured:
-        layer, name = record["layer"], record["layer"].active_adapters[0]
-        term = approximated_prompt_output(
-            torch.zeros_like(record["O"]),
-            record["X"],
-            layer.prompts(name),
-            layer.apt_W1[name],
-            layer.W2(name),
-            record["O"].new_zeros(1),
-        )
-        ratios.append(float(term.norm() / record["O"].norm()))
-    return ratios
+        layer = record.pop("layer")
+        name = layer.active_adapters[0]
+        P, W1, W2, O = layer.prompts(name), layer.apt_W1[name], layer.W2(name), record["O"]
+        record["term"] = approximated_prompt_output(torch.zeros_like(O), record["X"], P, W1, W2, O.new_zeros(1))
+    return captured
+
+
+def prompt_term_ratios(tail: nn.Module, hidden: torch.Tensor) -> list[float]:
+    """Per APT layer, ||a * (A @ P)|| / ||O|| over a batch: how far the adapter starts from the frozen attention."""
+    return [float(r["term"].norm() / r["O"].norm()) for r in prompt_terms(tail, hidden)]
+
+
+def term_alignment(tail: nn.Module, hidden: torch.Tensor) -> float:
+    """Mean over APT layers and tokens of |cos(term, tokens' mean X)|: near 1, the term adds to every token the
+    direction all tokens share, which the next LayerNorm turns into a loss of what tells them apart."""
+    alignments = []
+    for record in prompt_terms(tail, hidden):
+        common = F.normalize(record["X"].flatten(0, -2).mean(dim=0), dim=0)
+        alignments.append(F.cosine_similarity(record["term"].flatten(0, -2), common[None], dim=-1).abs().mean())
+    return float(torch.stack(alignments).mean())
+
+
+def class_separation(features: torch.Tensor, labels: torch.Tensor) -> float:
+    """Between-class over within-class variance of the features (traces): how well a linear head can tell them."""
+    means = torch.stack([features[labels == c].mean(dim=0) for c in labels.unique()])
+    within = torch.stack([features[labels == c].var(dim=0).sum() for c in labels.unique()]).mean()
+    return float(means.var(dim=0).sum() / within)
 
 
 def added_forward_flops(method: Method, tail: Dinov2Model, hidden: torch.Tensor) -> int:
@@ -203,13 +222,17 @@ def train_and_evaluate(
     epochs: int,
     batch_size: int,
     warmup_ratio: float = 0.0,
+    weight_decay: float = 0.0,
 ) -> dict:
     """Train the method's parameters and a fresh linear head with AdamW, a linear warm-up over `warmup_ratio` of the
-    steps (as Trainer's `warmup_steps=0.1`) and a cosine decay; test accuracy."""
+    steps (as Trainer's `warmup_steps=0.1`) and a cosine decay; test accuracy and what explains it (`diagnostics`)."""
     torch.manual_seed(seed)
     tail = copy.deepcopy(base)
     head = nn.Linear(2 * tail.config.hidden_size, data["num_classes"])
     method.attach(tail)
+    probe = data["test_hidden"][:64]
+    is_apt_tail = any(isinstance(module, APTLayer) for module in tail.modules())
+    alignment_before = term_alignment(tail.eval(), probe) if is_apt_tail else None
     device = data["train_labels"].device
     tail.to(device)
     head.to(device)
@@ -223,7 +246,7 @@ def train_and_evaluate(
         train_features = lambda batch: pooled_features(tail, data["train_hidden"][batch])  # noqa: E731
     parameters = [p for p in (*tail.parameters(), *head.parameters()) if p.requires_grad]
     num_train = len(data["train_labels"])
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
     steps = epochs * math.ceil(num_train / batch_size)
     schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * steps), steps)
     generator = torch.Generator().manual_seed(seed)
@@ -244,8 +267,23 @@ def train_and_evaluate(
         accuracy=float((predictions == data["test_labels"]).float().mean()),
         final_train_loss=loss.item(),
         seconds=round(time.perf_counter() - start, 2),
+        **diagnostics(tail, base, features, data),
     )
+    if alignment_before is not None:
+        record.update(term_alignment_before=alignment_before, term_alignment_after=term_alignment(tail, probe))
     return record
+
+
+@torch.no_grad()
+def diagnostics(tail: Dinov2Model, base: Dinov2Model, features: torch.Tensor, data: dict) -> dict:
+    """How far training moved the test images' pooled features from the frozen model's, and how separable the classes
+    are before and after: a collapse keeps features close to the frozen ones but erases what separates the classes."""
+    frozen = torch.cat([pooled_features(base.eval(), hidden) for hidden in data["test_hidden"].split(100)])
+    return {
+        "cosine_to_frozen": float(F.cosine_similarity(features, frozen, dim=-1).mean()),
+        "separation": class_separation(features, data["test_labels"]),
+        "frozen_separation": class_separation(frozen, data["test_labels"]),
+    }
 
 
 def load_split(dataset: str, seed: int, args: argparse.Namespace):
@@ -272,9 +310,8 @@ def setup_of(args: argparse.Namespace) -> dict:
     """Everything that makes two records comparable; records of another setup are neither reused nor reported.
     Runs without warm-up leave it out, as the records made before it existed do."""
     keys = ("tiny", "size", "n_train", "n_test", "adapted_layers", "epochs", "batch_size")
-    return {key: getattr(args, key) for key in keys} | (
-        {"warmup_ratio": args.warmup_ratio} if args.warmup_ratio else {}
-    )
+    optional = {key: getattr(args, key) for key in ("warmup_ratio", "weight_decay") if getattr(args, key)}
+    return {key: getattr(args, key) for key in keys} | optional
 
 
 def lrs_of(method: str, args: argparse.Namespace) -> list[float]:
@@ -284,10 +321,16 @@ def lrs_of(method: str, args: argparse.Namespace) -> list[float]:
 
 
 def read_records(output_dir: Path, setup: dict) -> list[dict]:
+    """The records of this setup; APT rows only where made by the current parametrisation (records from before the
+    field existed were made by version 1)."""
     records = []
     for path in sorted(output_dir.glob("quality-*.jsonl")):
         records += [record for line in path.read_text().splitlines() if (record := json.loads(line))["setup"] == setup]
-    return records
+    return [r for r in records if r.get("apt_parametrisation", 1) == PARAMETRISATION_VERSION or not is_apt(r)]
+
+
+def is_apt(record: dict) -> bool:
+    return record["method"].startswith("APT")
 
 
 def run_sweep(model: Dinov2Model, args: argparse.Namespace) -> None:
@@ -310,9 +353,19 @@ def run_sweep(model: Dinov2Model, args: argparse.Namespace) -> None:
             data, tail = prepare_data(model, dataset, seed, args)
             for method, lr in todo:
                 record = train_and_evaluate(
-                    METHODS[method], tail, data, lr, seed, args.epochs, args.batch_size, args.warmup_ratio
+                    METHODS[method],
+                    tail,
+                    data,
+                    lr,
+                    seed,
+                    args.epochs,
+                    args.batch_size,
+                    args.warmup_ratio,
+                    args.weight_decay,
                 )
                 record.update(setup=setup, dataset=dataset, seed=seed, method=method, lr=lr, environment=machine)
+                if is_apt(record):
+                    record["apt_parametrisation"] = PARAMETRISATION_VERSION
                 with open(path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 print(f"{dataset} seed {seed} {method} lr {lr:g}: {record['accuracy']:.3f} ({record['seconds']:.0f}s)")
@@ -462,7 +515,8 @@ def setup_paragraph(model: Dinov2Model, methods: list[str], args: argparse.Names
         f", {args.size}x{args.size} px ({tokens} tokens). {adapted_blocks_text(model, methods, args)} "
         f"Linear head on [CLS; mean patch] after the final LayerNorm, trained with every method. {args.n_train} "
         f"train / {args.n_test} test images, stratified split per seed, the same split for every method and lr. "
-        f"AdamW (no weight decay), {warmup}cosine schedule, batch {args.batch_size}, {args.epochs} epochs = {steps} "
+        f"AdamW ({f'weight decay {args.weight_decay:g}' if args.weight_decay else 'no weight decay'}), "
+        f"{warmup}cosine schedule, batch {args.batch_size}, {args.epochs} epochs = {steps} "
         f"steps for every method. Seeds {args.seeds} (split, head init, adapter init and batch order). "
         "Accuracy in %, mean ± "
         "std over seeds. Added MFLOPs: forward FLOPs per image added to the frozen model by the method "
@@ -633,6 +687,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lrs", nargs="+", type=float, default=list(DEFAULT_LRS))
     parser.add_argument("--full-lrs", nargs="+", type=float, help="learning rates of full fine-tuning (default: --lrs)")
     parser.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warm-up over this share of the steps")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's, for every method and the head")
     parser.add_argument("--size", type=int, default=56, help="input pixels per side (patch 14: 56 -> 17 tokens)")
     parser.add_argument("--n-train", type=int, default=300)
     parser.add_argument("--n-test", type=int, default=300)
