@@ -21,14 +21,12 @@ from .constants import OUTPUT_PROJECTION_NAMES
 # benchmark records are keyed by it.
 PARAMETRISATION_VERSION = 1
 
-# Default size of the initial prompt term relative to a LayerNorm-sized input, ||a (A @ P)|| / ||X||. On pretrained
-# DINOv2-S the term then starts at 2% to 12% of O per block (benchmarks/RESULTS.md): 1e-3 learnt too slowly at small
-# learning rates (and on small random models), 1e-2 collapsed at lr 3e-3 on one of three seeds.
+# The default's initial prompt term relative to a LayerNorm-sized input, ||a (A @ P)|| / ||X||: small enough that the
+# adapted model starts close to the frozen one (docs/initialisation.md says how it was chosen).
 INITIAL_TERM_RATIO = 3e-3
 
-# The default trains apt_prompt at this many times the reference init's std (0.02), with P = prompt_scale * apt_prompt
-# unchanged: each Adam step then moves the prompts 4x less relative to their size. With W2's multiplier
-# (`key_map_scale`) it kept whole pretrained DINOv2-S from collapsing at lr 3e-3 (issue "Stable APT recipe").
+# The default draws apt_prompt at this many times the reference std (0.02) and keeps P = prompt_scale * apt_prompt
+# where the reference init puts it: each Adam step then changes P this many times less relative to its size.
 TRAINED_PROMPT_STD_RATIO = 4
 
 MERGE_ERROR = (

@@ -120,6 +120,10 @@ def _layers(pattern, n=2):
 
 # token ids inside the tiny vocabulary, for configs whose defaults lie outside it
 TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+# the vision tower of the composite models (CLIP, SigLIP, Gemma 3)
+VISION_TOWER = dict(hidden_size=48, image_size=32, patch_size=8, **SMALL)
+# GPT-2-style configs name their sizes n_embd, n_layer and n_head
+GPT_SIZES = dict(n_embd=32, n_layer=2, vocab_size=99, **TOKENS)
 IMAGE_TOKEN = 98
 GEMMA4_TEXT = dict(
     head_dim=16,
@@ -273,7 +277,7 @@ FAMILIES = {
             lambda: T.CLIPModel(
                 T.CLIPConfig(
                     text_config=dict(hidden_size=32, vocab_size=99, bos_token_id=0, eos_token_id=2, **SMALL),
-                    vision_config=dict(hidden_size=48, image_size=32, patch_size=8, **SMALL),
+                    vision_config=VISION_TOWER,
                     projection_dim=16,
                 )
             )
@@ -374,23 +378,19 @@ FAMILIES = {
         for name, build, attention, projection in [
             (
                 "gpt2",
-                lambda: T.GPT2LMHeadModel(T.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=99, **TOKENS)),
+                lambda: T.GPT2LMHeadModel(T.GPT2Config(n_head=2, **GPT_SIZES)),
                 "transformer.h.{}.attn",
                 "c_proj",
             ),
             (
                 "gpt_bigcode",
-                lambda: T.GPTBigCodeForCausalLM(
-                    T.GPTBigCodeConfig(n_embd=32, n_layer=2, n_head=2, vocab_size=99, **TOKENS)
-                ),
+                lambda: T.GPTBigCodeForCausalLM(T.GPTBigCodeConfig(n_head=2, **GPT_SIZES)),
                 "transformer.h.{}.attn",
                 "c_proj",
             ),
             (
                 "gptj",
-                lambda: T.GPTJForCausalLM(
-                    T.GPTJConfig(n_embd=32, n_layer=2, n_head=2, rotary_dim=8, vocab_size=99, **TOKENS)
-                ),
+                lambda: T.GPTJForCausalLM(T.GPTJConfig(n_head=2, rotary_dim=8, **GPT_SIZES)),
                 "transformer.h.{}.attn",
                 "out_proj",
             ),
@@ -398,7 +398,7 @@ FAMILIES = {
                 "codegen",
                 lambda: T.CodeGenForCausalLM(
                     # 4 heads: transformers 5.0 splits them over 4 groups
-                    T.CodeGenConfig(n_embd=32, n_layer=2, n_head=4, rotary_dim=8, vocab_size=99, **TOKENS)
+                    T.CodeGenConfig(n_head=4, rotary_dim=8, **GPT_SIZES)
                 ),
                 "transformer.h.{}.attn",
                 "out_proj",
@@ -540,7 +540,7 @@ FAMILIES = {
                 T.SiglipConfig(
                     # the text head projects to the vision width, so that the towers' embeddings compare
                     text_config=dict(hidden_size=32, projection_size=48, vocab_size=99, **SMALL, **TOKENS),
-                    vision_config=dict(hidden_size=48, image_size=32, patch_size=8, **SMALL),
+                    vision_config=VISION_TOWER,
                 )
             )
         ),
@@ -553,7 +553,7 @@ FAMILIES = {
             lambda: T.Gemma3ForConditionalGeneration(
                 T.Gemma3Config(
                     text_config=dict(hidden_size=32, head_dim=16, num_key_value_heads=1, vocab_size=99, **SMALL),
-                    vision_config=dict(hidden_size=48, image_size=32, patch_size=8, **SMALL),
+                    vision_config=VISION_TOWER,
                     mm_tokens_per_image=4,
                     image_token_index=IMAGE_TOKEN,
                 )
