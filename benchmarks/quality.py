@@ -479,6 +479,7 @@ def report(model: Dinov2Model, args: argparse.Namespace) -> str:
         "",
         *best_lr_lines(records, table, methods, datasets, flops),
         *(line for dataset in datasets for line in every_lr_lines(table, methods, dataset)),
+        *(line for dataset in datasets for line in diagnostics_lines(records, methods, dataset)),
         *bar_lines(table, methods, datasets),
         *init_rationale_lines(args),
         *initial_ratios_markdown(model, args),
@@ -586,6 +587,43 @@ def every_lr_lines(table: dict, methods: list[str], dataset: str) -> list[str]:
     return lines
 
 
+DIAGNOSTICS = {
+    "cosine_to_frozen": "cosine to frozen",
+    "separation": "class separation",
+    "term_alignment_before": "APT term vs common direction, before",
+    "term_alignment_after": "after",
+}
+
+
+def diagnostics_lines(records: list[dict], methods: list[str], dataset: str) -> list[str]:
+    """Means over seeds of what each record says about its run (`diagnostics`, `term_alignment`), where recorded."""
+    rows = {}
+    for r in records:
+        if r["dataset"] == dataset and "separation" in r:
+            rows.setdefault((r["method"], r["lr"]), []).append(r)
+    if not rows:
+        return []
+    frozen = statistics.mean(r["frozen_separation"] for rs in rows.values() for r in rs)
+    lines = [
+        "",
+        f"### What the runs did to the features: {dataset}",
+        "",
+        "Test features' mean cosine to the frozen model's, their class separation (between- over within-class "
+        f"variance; frozen features: {frozen:.2f}) and, for APT, the mean |cosine| between its term and the tokens' "
+        "mean input, before and after training. Means over seeds.",
+        "",
+        "| method | lr | accuracy | " + " | ".join(DIAGNOSTICS.values()) + " |",
+        "|---|---:|---:|" + "---:|" * len(DIAGNOSTICS),
+    ]
+    for method in methods:
+        for lr in sorted(lr for m, lr in rows if m == method):
+            runs = rows[method, lr]
+            cells = [f"{statistics.mean(r[key] for r in runs):.3f}" if key in runs[0] else "" for key in DIAGNOSTICS]
+            accuracy = format_accuracy([100 * r["accuracy"] for r in runs])
+            lines.append(f"| {method} | {lr:g} | {accuracy} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def bar_lines(table: dict, methods: list[str], datasets: list[str]) -> list[str]:
     lines = [
         "",
@@ -627,7 +665,8 @@ def plot_lines(table: dict, methods: list[str], dataset: str, flops: dict, args:
         title=f"DINOv2-S on {dataset}: best-lr accuracy vs added FLOPs",
         metric="accuracy (%)",
     )
-    shown = path.relative_to(args.results_md.parent) if path.is_relative_to(args.results_md.parent) else path
+    path, folder = path.resolve(), args.results_md.resolve().parent
+    shown = path.relative_to(folder) if path.is_relative_to(folder) else path
     return ["", f"![{dataset}]({shown})"]
 
 

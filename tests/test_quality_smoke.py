@@ -45,6 +45,7 @@ def test_quality_sweep_runs_end_to_end(tmp_path):
     assert all(0 <= r["term_alignment_before"] <= 1 and 0 <= r["term_alignment_after"] <= 1 for r in apt)
     text = results.read_text()
     assert "<!-- BEGIN quality -->" in text and "### Every learning rate: digits" in text
+    assert "### What the runs did to the features: digits" in text
     assert "| default init, p=200 (APTConfig()) |" in text
     assert (tmp_path / "quality-digits.png").stat().st_size > 0
 
