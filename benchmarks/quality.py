@@ -261,24 +261,28 @@ def train_and_evaluate(
             schedule.step()
     tail.eval()
     with torch.no_grad():
-        features = torch.cat([pooled_features(tail, hidden) for hidden in data["test_hidden"].split(100)])
+        features = pooled_test_features(tail, data)
         predictions = head(features).argmax(dim=-1)
     record.update(
         accuracy=float((predictions == data["test_labels"]).float().mean()),
         final_train_loss=loss.item(),
         seconds=round(time.perf_counter() - start, 2),
-        **diagnostics(tail, base, features, data),
+        **diagnostics(features, data),
     )
     if alignment_before is not None:
         record.update(term_alignment_before=alignment_before, term_alignment_after=term_alignment(tail, probe))
     return record
 
 
-@torch.no_grad()
-def diagnostics(tail: Dinov2Model, base: Dinov2Model, features: torch.Tensor, data: dict) -> dict:
+def pooled_test_features(tail: Dinov2Model, data: dict) -> torch.Tensor:
+    """The test images' pooled features through `tail`, in batches of 100."""
+    return torch.cat([pooled_features(tail, hidden) for hidden in data["test_hidden"].split(100)])
+
+
+def diagnostics(features: torch.Tensor, data: dict) -> dict:
     """How far training moved the test images' pooled features from the frozen model's, and how separable the classes
     are before and after: a collapse keeps features close to the frozen ones but erases what separates the classes."""
-    frozen = torch.cat([pooled_features(base.eval(), hidden) for hidden in data["test_hidden"].split(100)])
+    frozen = data["frozen_test_features"]
     return {
         "cosine_to_frozen": float(F.cosine_similarity(features, frozen, dim=-1).mean()),
         "separation": class_separation(features, data["test_labels"]),
@@ -303,6 +307,8 @@ def prepare_data(model: Dinov2Model, dataset: str, seed: int, args: argparse.Nam
         "test_labels": splits.test_labels.to(device),
         "num_classes": len(splits.class_names),
     }
+    with torch.no_grad():  # what every method's test features are compared with (`diagnostics`)
+        data["frozen_test_features"] = pooled_test_features(tail.eval(), data)
     return data, tail
 
 

@@ -128,10 +128,12 @@ class APTModel(BaseTuner):
         one whose forward has no such parameter (Whisper takes `input_features`) would hand them on to its decoder
         beside its own, so they are left out there.
         """
-        parameters = inspect.signature(self.model.forward).parameters
-        for name in ("input_ids", "inputs_embeds"):
-            if name in kwargs and kwargs[name] is None and name not in parameters:
-                del kwargs[name]
+        passed_none = [name for name in ("input_ids", "inputs_embeds") if name in kwargs and kwargs[name] is None]
+        if passed_none:  # the signature is read only then, not on every forward
+            parameters = inspect.signature(self.model.forward).parameters
+            for name in passed_none:
+                if name not in parameters:
+                    del kwargs[name]
         return self.model(*args, **kwargs)
 
     @contextmanager
