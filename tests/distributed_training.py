@@ -205,6 +205,9 @@ def main() -> None:
         dist.init_process_group("gloo")
         for name in TASKS:
             train_with_fully_shard(name, args.base / name, args.out / name)
+        # as `end_processes`: a barrier after the last collective, so no gloo thread is still freeing its tensors
+        # when the group goes (under load that aborted a process: "terminate called without an active exception")
+        dist.barrier()
         dist.destroy_process_group()
         return
     trainers = []
