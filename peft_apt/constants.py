@@ -68,6 +68,77 @@ TRANSFORMERS_MODELS_TO_APT_TARGET_MODULES_MAPPING: dict[str, list[str] | str] = 
     "UNet2DConditionModel": ["attn1", "attn2"],
 }
 
+# The norm whose output is an attention's input X, per model type and attention name (the last part of the module's
+# path; "*" for any): the default init calibrates the prompts on the size of that norm's output, so the initial term
+# is the same fraction of X in every family (see `APTModel.input_norm_size`). Candidates are tried in order:
+#   "name"           `name` in the attention's block (the entry of the module list that holds the attention)
+#   "previous/name"  `name` in the block before it (post-LN stacks: X is the previous block's output norm)
+#   "~suffix"        the module whose path ends with `suffix` and shares the longest prefix with the attention's path
+#                    (the embeddings' norm feeding a post-LN stack's first block); `{previous}` is the block's index - 1
+# Model types without an entry, and attentions whose X is not normalised (OLMo 2 normalises after its attention, so
+# X is the residual stream), are calibrated for a LayerNorm-sized X (||X|| = sqrt(d)).
+_PRE_LN = ("input_layernorm",)
+_POST_LN_ENCODER = ("previous/output.LayerNorm", "~embeddings.LayerNorm")
+TRANSFORMERS_MODELS_TO_APT_INPUT_NORMS: dict[str, dict[str, tuple[str, ...]]] = {
+    **dict.fromkeys(("vilt", "vit", "deit"), {"*": ("layernorm_before",)}),
+    "dinov2": {"*": ("norm1",)},
+    **dict.fromkeys(
+        ("clip", "clip_text_model", "clip_vision_model", "siglip", "siglip_text_model", "siglip_vision_model"),
+        {"*": ("layer_norm1",)},
+    ),
+    **dict.fromkeys(
+        ("bert", "roberta", "xlm-roberta", "electra", "layoutlm", "deberta", "deberta-v2"), {"*": _POST_LN_ENCODER}
+    ),
+    "bridgetower": {
+        # each co-attention layer after the first reads the link tower joining the unimodal and cross-modal streams
+        "attention": ("~link_tower.{previous}.LayerNorm", "~_layernorm"),
+        "crossattention": ("attention.output.LayerNorm",),
+        "attn": ("ln_1",),  # the CLIP-style vision tower, when targeted
+    },
+    **dict.fromkeys(
+        (
+            "llama",
+            "llama4_text",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen3",
+            "qwen3_moe",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "gemma4",
+            "gemma4_text",
+            "phi",
+            "phi3",
+            "granite",
+            "smollm3",
+            "stablelm",
+            "gpt_neox",
+            "bloom",
+        ),
+        {"*": _PRE_LN},
+    ),  # fmt: skip
+    # composite models: the language model's blocks, then the vision tower's
+    "llama4": {"*": _PRE_LN},
+    "gemma3": {"*": (*_PRE_LN, "layer_norm1")},
+    "falcon": {"*": (*_PRE_LN, "ln_attn")},
+    "olmo2": {},
+    "opt": {"*": ("self_attn_layer_norm",)},
+    **dict.fromkeys(("gpt2", "gpt_bigcode", "gptj", "codegen", "gpt_neo"), {"*": ("ln_1",)}),
+    "mpt": {"*": ("norm_1",)},
+    **dict.fromkeys(("t5", "mt5"), {"*": ("layer_norm",)}),
+    "bart": {
+        "self_attn": ("previous/final_layer_norm", "~layernorm_embedding"),
+        "encoder_attn": ("self_attn_layer_norm",),
+    },
+    **dict.fromkeys(
+        ("mbart", "whisper"),
+        {"self_attn": ("self_attn_layer_norm",), "encoder_attn": ("encoder_attn_layer_norm",)},
+    ),
+    "UNet2DConditionModel": {"attn1": ("norm1",), "attn2": ("norm2",)},
+}
+
 # Model types with LoRA defaults in PEFT that APT gives none, and why: the error for `target_modules=None` says so.
 TRANSFORMERS_MODELS_WITHOUT_APT_TARGET_MODULES: dict[str, str] = {
     "rwkv": "RWKV has no attention: its time mixing is a recurrence over token-shifted inputs, with no query-side X",

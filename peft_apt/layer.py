@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -19,7 +20,7 @@ from .constants import OUTPUT_PROJECTION_NAMES
 # The version of what decides what an APT adapter learns beside its config: the formula, the initialisation and the
 # default's multipliers. Bump it with any change to them (tests/test_parametrisation.py fails until it is bumped);
 # benchmark records are keyed by it.
-PARAMETRISATION_VERSION = 1
+PARAMETRISATION_VERSION = 2
 
 # The default's initial prompt term relative to a LayerNorm-sized input, ||a (A @ P)|| / ||X||: small enough that the
 # adapted model starts close to the frozen one (docs/initialisation.md says how it was chosen).
@@ -79,25 +80,57 @@ def approximated_prompt_output(
 
 
 @functools.lru_cache
-def calibrated_prompt_scale(num_prompts: int, hidden_size: int, target: float = INITIAL_TERM_RATIO) -> float:
+def calibrated_prompt_scale(
+    num_prompts: int, hidden_size: int, input_size: Optional[float] = None, target: float = INITIAL_TERM_RATIO
+) -> float:
     """
-    The factor c (at most 1) such that prompts c * P, P drawn as in the reference init, make the initial prompt term
-    `target` times a LayerNorm-sized input.
+    The factor c such that prompts c * P, P drawn as in the reference init, make the initial prompt term `target`
+    times inputs X of norm `input_size` (default sqrt(d), a LayerNorm-sized X).
 
     With the reference init (P ~ N(0, 0.02^2)) the term a * (A @ P) grows with the cube of the prompts' scale, with p
-    and with ||X||^2; on pretrained ViTs it starts as large as O itself and wrecks the features. APT's inputs X are
-    normalised hidden states (||x|| ~ sqrt(d)), P is isotropic and K = P at init, so the term's size depends on p, d
-    and ||x|| alone: fixed Gaussian draws measure it without data, the cube root gives the scale, and the result is
-    the same for every module of that p and d (so a resumed adapter gets the c it was trained with, even where only
-    its tensors are loaded).
+    and with ||X||^2; on pretrained ViTs it starts as large as O itself and wrecks the features, while on decoders
+    whose norms shrink X it barely acts. P is isotropic and K = P at init, so the term's size depends on p, d and
+    ||X|| alone: fixed Gaussian draws of that norm measure it without data and the cube root gives the scale.
     """
     generator = torch.Generator().manual_seed(0)
     probes = torch.randn(256, hidden_size, generator=generator)
+    probes *= (input_size or math.sqrt(hidden_size)) / probes.norm(dim=-1, keepdim=True)
     prompts = 0.02 * torch.randn(num_prompts, hidden_size, generator=generator)
     no_rank = torch.zeros(hidden_size, 0)
     term = approximated_prompt_output(torch.zeros_like(probes), probes, prompts, no_rank, no_rank.T, torch.zeros(1))
     ratio = (term.norm(dim=-1) / probes.norm(dim=-1)).mean().item()
-    return min(1.0, (target / ratio) ** (1 / 3))
+    return (target / ratio) ** (1 / 3)
+
+
+@torch.no_grad()
+def normalised_input_size(norm: Optional[nn.Module], hidden_size: int) -> Optional[float]:
+    """
+    The typical ||X|| of an attention whose input X is `norm`'s output: the mean norm of its outputs on fixed Gaussian
+    draws. A norm layer's output size is set by its own weights (LayerNorm: about sqrt(|gamma|^2 + |beta|^2); RMSNorm
+    and Gemma's 1 + w alike), whatever its input, so the weights alone measure it, the same on every run. None where
+    there is no norm or its weights are not loaded yet (meta).
+    """
+    weights = list(norm.parameters()) if norm is not None else []
+    if (
+        norm is None
+        or any(weight.is_meta for weight in weights)
+        or any(full_shape(w)[-1] != hidden_size for w in weights)
+    ):
+        return None  # no norm, its weights not loaded yet, or a norm before a projection to d (ELECTRA's embeddings)
+    probes = torch.randn(256, hidden_size, generator=torch.Generator().manual_seed(0))
+    with _gathered(list(norm.parameters())):
+        dtype = next(norm.parameters(), probes).dtype
+        device = next(norm.parameters(), probes).device
+        return norm(probes.to(device, dtype)).float().norm(dim=-1).mean().item()
+
+
+def _gathered(parameters: list[nn.Parameter]):
+    """The full parameters for the duration, where DeepSpeed ZeRO-3 has partitioned them (every rank calls this)."""
+    if any(hasattr(parameter, "ds_id") for parameter in parameters):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(parameters, modifier_rank=None)
+    return contextlib.nullcontext()
 
 
 def key_map_scale(hidden_size: int) -> float:
@@ -198,6 +231,7 @@ class APTLayer(nn.Module, BaseTunerLayer):
         apt_dropout: float = 0.0,
         init_weights: Union[bool, str] = True,
         multipliers: Optional[dict[str, float]] = None,
+        input_norm: Optional[nn.Module] = None,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -217,7 +251,7 @@ class APTLayer(nn.Module, BaseTunerLayer):
         # nn.MultiheadAttention); models pass it positionally or by keyword.
         self.query_argument = next(iter(inspect.signature(base_layer.forward).parameters))
         self._projection_hook = self._projection().register_forward_hook(self._add_prompt_term)
-        self.update_layer(adapter_name, num_prompts, r, apt_dropout, init_weights, multipliers)
+        self.update_layer(adapter_name, num_prompts, r, apt_dropout, init_weights, multipliers, input_norm)
 
     def _projection(self) -> nn.Module:
         """The module whose output is O: the output projection, or nn.MultiheadAttention itself."""
@@ -251,10 +285,13 @@ class APTLayer(nn.Module, BaseTunerLayer):
         apt_dropout: float,
         init_weights: Union[bool, str],
         multipliers: Optional[dict[str, float]] = None,
+        input_norm: Optional[nn.Module] = None,
     ) -> None:
         """
         Add (or re-create) the adapter `adapter_name`. `multipliers` is the adapter config's record of this module's
         multipliers: the values it holds are used (a loaded adapter's), the missing ones are set and written to it.
+        `input_norm` is the norm layer producing X, whose output size the default init calibrates on (None: a
+        LayerNorm-sized X).
         """
         d = self.hidden_size
         self.num_prompts[adapter_name] = num_prompts
@@ -265,18 +302,25 @@ class APTLayer(nn.Module, BaseTunerLayer):
         self.apt_W2[adapter_name] = nn.Parameter(torch.empty(r, d))
         self.apt_s[adapter_name] = nn.Parameter(torch.empty(1))
         self.multipliers[adapter_name] = {} if multipliers is None else multipliers
-        self.reset_apt_parameters(adapter_name, init_weights)
+        self.reset_apt_parameters(adapter_name, init_weights, input_norm)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
     @torch.no_grad()
-    def reset_apt_parameters(self, adapter_name: str, init_weights: Union[bool, str]) -> None:
+    def reset_apt_parameters(
+        self, adapter_name: str, init_weights: Union[bool, str], input_norm: Optional[nn.Module] = None
+    ) -> None:
         prompts, W1, W2, log_scale = (getattr(self, name)[adapter_name] for name in self.adapter_layer_names)
-        # The multipliers depend on p and d only: a model built again from the same config gets the same ones, also
-        # where only the tensors are loaded (a resumed Trainer run). Powers of two keep P and W2 exact in any float
-        # format; apt_prompt absorbs the rest of the calibrated scale, within a factor sqrt(2) of its target std.
+        # The multipliers depend on p, d and the base model's weights only: a model built again from the same config
+        # gets the same ones, also where only the tensors are loaded (a resumed Trainer run). Powers of two keep P and
+        # W2 exact in any float format and the multiplier the same across machines' rounding; apt_prompt absorbs the
+        # rest of the calibrated scale, within a factor sqrt(2) of its target std.
         default = init_weights is True
-        scale = calibrated_prompt_scale(*prompts.shape) if default else 1.0
+        scale = (
+            calibrated_prompt_scale(*prompts.shape, normalised_input_size(input_norm, prompts.shape[1]))
+            if default
+            else 1.0
+        )
         record = self.multipliers[adapter_name]
         record.setdefault("prompt", 2.0 ** round(math.log2(scale)) / (TRAINED_PROMPT_STD_RATIO if default else 1))
         record.setdefault("W2", key_map_scale(prompts.shape[1]) if default else 1.0)

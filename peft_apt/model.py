@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import inspect
+import os
 import re
+import warnings
 from contextlib import contextmanager
+from typing import Optional
 
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
@@ -12,6 +15,7 @@ from torch import nn
 from .config import APTConfig
 from .constants import (
     OUTPUT_PROJECTION_NAMES,
+    TRANSFORMERS_MODELS_TO_APT_INPUT_NORMS,
     TRANSFORMERS_MODELS_TO_APT_TARGET_MODULES_MAPPING,
     TRANSFORMERS_MODELS_WITHOUT_APT_TARGET_MODULES,
 )
@@ -97,6 +101,7 @@ class APTModel(BaseTuner):
             "apt_dropout": apt_config.apt_dropout,
             "init_weights": apt_config.init_weights,
             "multipliers": apt_config.module_multipliers(current_key),
+            "input_norm": self.input_norm(current_key) if apt_config.init_weights is True else None,
         }
         if isinstance(target, APTLayer):
             target.update_layer(adapter_name, **layer_kwargs)
@@ -113,6 +118,23 @@ class APTModel(BaseTuner):
             # an added adapter does not train until it is set active
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def input_norm(self, attention_path: str) -> Optional[nn.Module]:
+        """The norm layer whose output is the input X of the attention at `attention_path` (None: not known)."""
+        model_type = self.get_model_config(self.model).get("model_type")
+        norms = TRANSFORMERS_MODELS_TO_APT_INPUT_NORMS.get(model_type)
+        if norms is None:
+            return None
+        attention_name = attention_path.rpartition(".")[2]
+        candidates = norms.get(attention_name, norms.get("*", ()))
+        norm = find_input_norm(self.model, attention_path, candidates)
+        if norm is None:
+            if candidates:
+                warnings.warn(
+                    f"APT found none of the norms {list(candidates)} feeding '{attention_path}' ({model_type}); its "
+                    "prompts are calibrated for a LayerNorm-sized input instead."
+                )
+        return norm
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         if isinstance(child, APTLayer) and new_module is child.get_base_layer():
@@ -177,6 +199,39 @@ class APTModel(BaseTuner):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+
+def find_input_norm(model: nn.Module, attention_path: str, candidates: tuple[str, ...]) -> Optional[nn.Module]:
+    """The first of `candidates` (see `TRANSFORMERS_MODELS_TO_APT_INPUT_NORMS`) found for `attention_path`."""
+    parts = attention_path.split(".")
+    indexes = [position for position, part in enumerate(parts) if part.isdigit()]
+    block = ".".join(parts[: indexes[-1] + 1]) if indexes else attention_path.rpartition(".")[0]
+    index = int(parts[indexes[-1]]) if indexes else 0
+    previous = f"{block.rpartition('.')[0]}.{index - 1}" if index else None
+    modules = _modules_by_base_path(model)
+    for candidate in candidates:
+        if "{previous}" in candidate and not previous:
+            continue
+        if candidate.startswith("~"):
+            suffix = candidate[1:].format(previous=index - 1)
+            found = [path for path in modules if path.endswith(suffix)]
+            if found:
+                return modules[max(found, key=lambda path: len(os.path.commonprefix([path, attention_path])))]
+            continue
+        scope, _, name = candidate.rpartition("/")
+        if scope == "previous" and not previous:
+            continue
+        path = f"{previous if scope == 'previous' else block}.{name}"
+        if path in modules:
+            return modules[path]
+    return None
+
+
+def _modules_by_base_path(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's modules by their paths in the base model: an adapted attention's children keep their paths."""
+    return {
+        path.replace(".base_layer.", ".").removesuffix(".base_layer"): module for path, module in model.named_modules()
+    }
 
 
 _OTHER_ADAPTER_KEY = re.compile(rf"\.({'|'.join(APTLayer.adapter_layer_names)})(\.[^.]+){{2}}$")

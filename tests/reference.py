@@ -43,6 +43,30 @@ def reference_hooks(base_model, family, adapter_tensors, projection=None):
             handle.remove()
 
 
+def initial_term_ratios(peft_model, family, forward) -> dict[str, float]:
+    """{attention path: mean over tokens of ||a (A @ P)|| / ||X||}, with X captured at each APT layer during
+    `forward()` and the term computed by the reference formula from the layer's effective tensors (O = 0, s = 0)."""
+    ratios = {}
+    handles = []
+    for path, (P, W1, W2, _) in adapter_tensors(peft_model, family.attention_paths).items():
+
+        def measure(module, args, kwargs, path=path, tensors=(P, W1, W2)):
+            X = (kwargs[family.query_argument] if family.query_argument in kwargs else args[0]).float()
+            term = reference_apt(torch.zeros_like(X), X, *tensors, torch.zeros(()))
+            size = X.norm(dim=-1)
+            kept = size > 0  # padding tokens with zero embeddings
+            ratios[path] = (term.norm(dim=-1)[kept] / size[kept]).mean().item()
+
+        layer = peft_model.base_model.model.get_submodule(path)
+        handles.append(layer.register_forward_pre_hook(measure, with_kwargs=True))
+    try:
+        forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return ratios
+
+
 def run(model, inputs) -> list[torch.Tensor]:
     """The floating tensors of the model's output, in order. Seeded: ViLT draws a random patch order each call."""
     torch.manual_seed(0)

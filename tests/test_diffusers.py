@@ -60,6 +60,10 @@ def test_unet_default_targets_are_attn1_and_attn2_once_each():
     shared.test_default_targets_adapt_each_block_once(UNET)
 
 
+def test_unet_default_init_term_is_its_target_fraction_of_the_input():
+    shared.test_default_init_term_is_its_target_fraction_of_the_input(UNET)
+
+
 def test_unet_trainable_parameters_are_exactly_P_W1_W2_s():
     shared.test_trainable_parameters_are_exactly_P_W1_W2_s(UNET)
 

@@ -3,6 +3,7 @@ the base output when disabled, and exact save/load round trips with the specifie
 
 import copy
 import json
+import math
 import os
 from types import SimpleNamespace
 
@@ -11,11 +12,12 @@ import torch
 import transformers as T
 from families import FAMILIES, MHA_FAMILY, SMALL, TOKENS
 from peft import PeftModel, get_peft_model
-from reference import adapter_tensors, randomise_adapter, reference_hooks, run
+from reference import adapter_tensors, initial_term_ratios, randomise_adapter, reference_hooks, run
 from safetensors import safe_open
 from transformers.pytorch_utils import Conv1D
 
 from peft_apt import APTConfig, APTLayer
+from peft_apt.layer import INITIAL_TERM_RATIO
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 P, R = 5, 3
@@ -52,6 +54,45 @@ def test_trainable_parameters_are_exactly_P_W1_W2_s(family):
     assert sum(trainable.values()) == expected
     assert all(n.rsplit(".", 2)[-2] in ("apt_prompt", "apt_W1", "apt_W2", "apt_s") for n in trainable)
     assert len(trainable) == 4 * len(family.attention_paths)
+
+
+# Adapted modules whose X comes from no norm layer, which the default calibrates for a LayerNorm-sized X: OLMo 2
+# normalises after its attention (X is the residual stream); ELECTRA projects its embeddings' norm to d.
+UNNORMALISED_INPUTS = {
+    "olmo2": ("model.layers.0.self_attn", "model.layers.1.self_attn"),
+    "electra": ("encoder.layer.0.attention",),
+}
+
+
+@torch.no_grad()
+def give_norms_random_gains(model, seed=0):
+    """Every norm layer's affine weights made non-unit and different across layers: a per-layer gain 3x to 10x away
+    from 1, per-channel noise and a bias, so that a calibration assuming a LayerNorm-sized X misses by 3x or more
+    (Gemma's norms scale by 1 + w, which this leaves near 1)."""
+    g = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if "norm" not in type(module).__name__.lower():
+            continue
+        sign = 1 if torch.rand(1, generator=g).item() < 0.5 else -1
+        gain = math.exp(sign * torch.empty(1).uniform_(1.1, 2.3, generator=g).item())
+        for param in module.parameters(recurse=False):
+            if param.dim() == 1:
+                param.add_(0.2 * torch.randn(param.shape, generator=g)).mul_(gain)
+
+
+@pytest.mark.parametrize("family", ALL, ids=lambda f: f.name)
+def test_default_init_term_is_its_target_fraction_of_the_input(family):
+    """The default calibrates on the norm feeding each attention: measured on the model's own inputs, the initial
+    ||a (A @ P)|| / ||X|| is within 2x of INITIAL_TERM_RATIO at every adapted module."""
+    base = family.build()
+    give_norms_random_gains(base)
+    config = {"target_modules": r".*resblocks\.\d+\.attn"} if family is MHA_FAMILY else {}
+    model = get_peft_model(base, APTConfig(num_prompts=200, r=R, **config)).eval()
+    ratios = initial_term_ratios(model, family, lambda: run(model, family.inputs()))
+    exempt = UNNORMALISED_INPUTS.get(family.name, ())
+    assert sorted(ratios) == sorted(family.attention_paths) and set(exempt) <= set(ratios)
+    misses = {path: ratio / INITIAL_TERM_RATIO for path, ratio in ratios.items() if path not in exempt}
+    assert all(0.5 < miss < 2 for miss in misses.values()), misses
 
 
 @pytest.mark.parametrize("family", ALL, ids=lambda f: f.name)
@@ -169,6 +210,9 @@ def test_llama4_adapts_both_towers():
     model = get_peft_model(T.Llama4ForConditionalGeneration(config), APTConfig(num_prompts=P, r=R))
     towers = [f"{tower}.model.layers.{i}.self_attn" for tower in ("vision_model", "language_model") for i in range(2)]
     assert sorted(adapted_paths(model)) == sorted(towers)
+    for path in towers:  # each calibrated on its block's own pre-attention norm
+        block = model.base_model.model.get_submodule(path.rpartition(".")[0])
+        assert model.base_model.input_norm(path) is block.input_layernorm
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters() if name.endswith("apt_prompt.default")}
     assert shapes == {
         f"base_model.model.{path}.apt_prompt.default": (P, d) for path, d in zip(towers, [48, 48, 32, 32])

@@ -13,6 +13,7 @@ from peft_apt.layer import PARAMETRISATION_VERSION
 # version -> (multipliers of the first block; how far the adapter moves the output at init, and after 3 AdamW steps)
 FINGERPRINTS = {
     1: (0.25, 0.125, 1.0529, 1.3690),
+    2: (0.25, 0.125, 1.0643, 1.3800),  # calibrated on the norm producing X
 }
 
 
