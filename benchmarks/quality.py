@@ -36,7 +36,7 @@ from transformers import Dinov2Model, get_cosine_schedule_with_warmup
 from examples.offline.images import load_dataset
 from examples.tiny_models import tiny_dinov2
 from peft_apt import APTConfig, APTLayer, approximated_prompt_output
-from peft_apt.layer import PARAMETRISATION_VERSION
+from peft_apt.layer import INITIAL_TERM_RATIO, PARAMETRISATION_VERSION
 
 from .baselines import add_deep_prompts, count_trainable_parameters, lora_config_for, set_backbone_trainable
 from .markdown import RESULTS_PATH, environment, write_section
@@ -73,13 +73,14 @@ def _apt(num_prompts, init_weights=True):
     return lambda tail: get_peft_model(tail, APTConfig(num_prompts=num_prompts, r=4, init_weights=init_weights))
 
 
-def _apt_init_ablation(num_prompts, small_W1=False, trained_prompt_std=None):
+def _apt_init_ablation(num_prompts, small_W1=False, trained_prompt_std=None, term_ratio=None):
     """`APTConfig(num_prompts)` with its init changed after the fact, to measure parametrisations we did not choose.
 
     `small_W1` divides W1 by sqrt(d): variance 1/d like LoRA's A instead of the authors' 1, so that P @ W1 is on P's
     scale and steps on W2 turn the keys no faster than steps on P. `trained_prompt_std` trains apt_prompt at that std
     instead of about 0.02, with the multiplier c adjusted so that P is unchanged: only the size of Adam's steps
-    relative to the prompts differs.
+    relative to the prompts differs. `term_ratio` scales P so that the initial term is that fraction of the input
+    instead of `INITIAL_TERM_RATIO` (the term is cubic in P).
     """
 
     @torch.no_grad()
@@ -90,6 +91,9 @@ def _apt_init_ablation(num_prompts, small_W1=False, trained_prompt_std=None):
                 W1, prompts = layer.apt_W1["default"], layer.prompts("default")
                 if small_W1:
                     W1.div_(math.sqrt(W1.shape[0]))
+                if term_ratio:
+                    prompts = prompts * (term_ratio / INITIAL_TERM_RATIO) ** (1 / 3)
+                    layer.apt_prompt["default"].copy_(prompts / layer.prompt_scale("default"))
                 if trained_prompt_std:
                     layer.multipliers["default"]["prompt"] = prompts.std().item() / trained_prompt_std
                     layer.apt_prompt["default"].copy_(prompts / layer.prompt_scale("default"))
@@ -115,6 +119,14 @@ METHODS = {
         *(
             Method(f"APT p=200 P/c std .{std}", _apt_init_ablation(200, trained_prompt_std=float(f"0.{std}")))
             for std in ("025", "04", "05", "08", "16")
+        ),
+        *(
+            Method(
+                f"APT p=200 term {ratio} P/c std {std}",
+                _apt_init_ablation(200, trained_prompt_std=float(std), term_ratio=float(ratio)),
+            )
+            for ratio in ("3e-3", "1e-2", "3e-2")
+            for std in ("0.08", "0.32", "1")
         ),
     )
 }
@@ -193,6 +205,15 @@ def term_alignment(tail: nn.Module, hidden: torch.Tensor) -> float:
     return float(torch.stack(alignments).mean())
 
 
+def term_state(tail: nn.Module, hidden: torch.Tensor) -> dict:
+    """The APT term's direction against the tokens' common one (`term_alignment`) and its size: the median over
+    layers of ||a (A @ P)|| / ||O|| (`prompt_term_ratios`)."""
+    return {
+        "term_alignment": term_alignment(tail, hidden),
+        "term_size": statistics.median(prompt_term_ratios(tail, hidden)),
+    }
+
+
 def class_separation(features: torch.Tensor, labels: torch.Tensor) -> float:
     """Between-class over within-class variance of the features (traces): how well a linear head can tell them."""
     means = torch.stack([features[labels == c].mean(dim=0) for c in labels.unique()])
@@ -232,7 +253,7 @@ def train_and_evaluate(
     method.attach(tail)
     probe = data["test_hidden"][:64]
     is_apt_tail = any(isinstance(module, APTLayer) for module in tail.modules())
-    alignment_before = term_alignment(tail.eval(), probe) if is_apt_tail else None
+    term_before = term_state(tail.eval(), probe) if is_apt_tail else None
     device = data["train_labels"].device
     tail.to(device)
     head.to(device)
@@ -269,8 +290,9 @@ def train_and_evaluate(
         seconds=round(time.perf_counter() - start, 2),
         **diagnostics(features, data),
     )
-    if alignment_before is not None:
-        record.update(term_alignment_before=alignment_before, term_alignment_after=term_alignment(tail, probe))
+    if term_before is not None:
+        record.update({f"{key}_before": value for key, value in term_before.items()})
+        record.update({f"{key}_after": value for key, value in term_state(tail, probe).items()})
     return record
 
 
@@ -598,6 +620,8 @@ DIAGNOSTICS = {
     "separation": "class separation",
     "term_alignment_before": "APT term vs common direction, before",
     "term_alignment_after": "after",
+    "term_size_before": "APT term / O, before",
+    "term_size_after": "after",
 }
 
 
@@ -616,7 +640,8 @@ def diagnostics_lines(records: list[dict], methods: list[str], dataset: str) -> 
         "",
         "Test features' mean cosine to the frozen model's, their class separation (between- over within-class "
         f"variance; frozen features: {frozen:.2f}) and, for APT, the mean |cosine| between its term and the tokens' "
-        "mean input, before and after training. Means over seeds.",
+        "mean input and the term's size (median over blocks of ||a (A @ P)|| / ||O||), before and after training. "
+        "Means over seeds.",
         "",
         "| method | lr | accuracy | " + " | ".join(DIAGNOSTICS.values()) + " |",
         "|---|---:|---:|" + "---:|" * len(DIAGNOSTICS),
