@@ -20,7 +20,7 @@ from .constants import OUTPUT_PROJECTION_NAMES
 # The version of what decides what an APT adapter learns beside its config: the formula, the initialisation and the
 # default's multipliers. Bump it with any change to them (tests/test_parametrisation.py fails until it is bumped);
 # benchmark records are keyed by it.
-PARAMETRISATION_VERSION = 2
+PARAMETRISATION_VERSION = 3
 
 # The default's initial prompt term relative to a LayerNorm-sized input, ||a (A @ P)|| / ||X||: small enough that the
 # adapted model starts close to the frozen one (docs/initialisation.md says how it was chosen).
@@ -28,7 +28,7 @@ INITIAL_TERM_RATIO = 3e-3
 
 # The default draws apt_prompt at this many times the reference std (0.02) and keeps P = prompt_scale * apt_prompt
 # where the reference init puts it: each Adam step then changes P this many times less relative to its size.
-TRAINED_PROMPT_STD_RATIO = 4
+TRAINED_PROMPT_STD_RATIO = 16
 
 MERGE_ERROR = (
     "APT adapters cannot be merged into the base weights: the approximated prompt term depends on each input, it is "

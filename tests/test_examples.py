@@ -31,7 +31,7 @@ def test_causal_lm_tiny_learns_generates_and_reloads(tmp_path):
         "--output_dir",
         str(tmp_path),
         "--max_steps",
-        "10",
+        "30",
         "--learning_rate",
         "1e-2",
         "--disable_tqdm",

@@ -67,7 +67,7 @@ def test_reference_init_is_the_authors_and_default_only_changes_scales():
     assert P.std().item() == pytest.approx(0.02, rel=0.02)
     assert W1.std().item() == pytest.approx(1.0, rel=0.05)
     assert not W2.any() and not s.any()
-    # the default trains apt_prompt at 4x the reference scale; the formula and the file see P = c * apt_prompt
+    # the default trains apt_prompt at TRAINED_PROMPT_STD_RATIO x the reference scale; the formula sees c * apt_prompt
     for name, tensor in zip(default.adapter_layer_names[1:], (W1, W2, s)):
         torch.testing.assert_close(getattr(default, name)["default"].detach(), tensor)
     multiplier = default.prompt_scale("default")
@@ -263,9 +263,10 @@ def prompt_term_change_after_adam(steps: int, old_parametrisation: bool = False,
 
 def test_default_prompt_term_moves_boundedly_under_adam_at_a_lora_learning_rate():
     """The property that keeps training stable at lr 3e-3: Adam's first steps, which move every parameter by about
-    the learning rate whatever its gradient, change the prompt term by a bounded fraction. Measured: 11% after one step
-    and 1.7x after ten for the default; 58% and 1000x for the parametrisation it replaced."""
-    assert prompt_term_change_after_adam(steps=1) < 0.2
-    assert prompt_term_change_after_adam(steps=10) < 3.0
+    the learning rate whatever its gradient, change the prompt term by a bounded fraction. Measured: 3.8% after one
+    step and 0.40x after ten for the default; 64% and 1500x with the prompts trained at the reference scale and W2
+    without its multiplier."""
+    assert prompt_term_change_after_adam(steps=1) < 0.06
+    assert prompt_term_change_after_adam(steps=10) < 0.6
     assert prompt_term_change_after_adam(steps=1, old_parametrisation=True) > 0.4
     assert prompt_term_change_after_adam(steps=10, old_parametrisation=True) > 100
