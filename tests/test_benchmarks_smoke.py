@@ -10,20 +10,24 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_efficiency_tiny_writes_its_section_and_plot(tmp_path):
-    results = tmp_path / "RESULTS.md"
-    results.write_text("# results\n\n<!-- BEGIN quality -->\nkept\n<!-- END quality -->\n")
+def run_benchmark(module: str, *arguments: str) -> str:
     try:
-        subprocess.run(
-            [sys.executable, "-m", "benchmarks.efficiency", "--tiny", "--output-dir", str(tmp_path)],
+        return subprocess.run(
+            [sys.executable, "-m", module, *arguments],
             cwd=ROOT,
             check=True,
             capture_output=True,
             text=True,
             timeout=300,  # a hang guard (120 s was hit under load)
-        )
+        ).stdout
     except subprocess.CalledProcessError as error:
-        pytest.fail(f"efficiency.py --tiny failed:\n{error.stderr[-3000:]}")
+        pytest.fail(f"{module} {' '.join(arguments)} failed:\n{error.stderr[-3000:]}")
+
+
+def test_efficiency_tiny_writes_its_section_and_plot(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# results\n\n<!-- BEGIN quality -->\nkept\n<!-- END quality -->\n")
+    run_benchmark("benchmarks.efficiency", "--tiny", "--output-dir", str(tmp_path))
     text = results.read_text()
     assert "<!-- BEGIN quality -->\nkept\n<!-- END quality -->" in text
     assert text.count("<!-- BEGIN efficiency -->") == 1
@@ -37,10 +41,7 @@ def test_efficiency_layers_tiny_measures_every_method_and_batch_size(tmp_path):
     the same section from the JSON."""
     from benchmarks.efficiency_layers import gpu_targets
 
-    command = [
-        sys.executable,
-        "-m",
-        "benchmarks.efficiency_layers",
+    arguments = [
         "--device",
         "cpu",
         "--tiny",
@@ -51,10 +52,7 @@ def test_efficiency_layers_tiny_measures_every_method_and_batch_size(tmp_path):
         "--output-dir",
         str(tmp_path),
     ]  # dynamo alone: the quickest compile
-    try:
-        run = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
-    except subprocess.CalledProcessError as error:
-        pytest.fail(f"efficiency_layers --tiny failed:\n{error.stderr[-3000:]}")
+    stdout = run_benchmark("benchmarks.efficiency_layers", *arguments)
     record = json.loads((tmp_path / "efficiency_layers.json").read_text())
     methods = ["frozen", "LoRA", "deep prompt p=8", "APT p=8", "deep prompt p=2", "APT p=2"]
     assert record["batch_sizes"] == [4, 2, 8] and sorted(record["batches"]) == ["2", "4", "8"]
@@ -74,7 +72,7 @@ def test_efficiency_layers_tiny_measures_every_method_and_batch_size(tmp_path):
                 assert all(ratio > 0 for ratio in batch["summary"][key]["cpu"])
     assert record["batches"]["4"]["repetitions"] == 1 and record["batches"]["2"]["repetitions"] == 2
     verdicts = sorted(
-        line.split(": ")[0].split(" ", 1)[1] for line in run.stdout.splitlines() if line.startswith(("PASS ", "FAIL "))
+        line.split(": ")[0].split(" ", 1)[1] for line in stdout.splitlines() if line.startswith(("PASS ", "FAIL "))
     )
     assert verdicts == sorted(description for description, *_ in gpu_targets(8, 2) if "memory" not in description)
 
@@ -100,21 +98,12 @@ def test_efficiency_layers_tiny_measures_every_method_and_batch_size(tmp_path):
         assert expected in text
     again = tmp_path / "again"
     again.mkdir()
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.efficiency_layers",
-            "--report-only",
-            str(tmp_path / "efficiency_layers.json"),
-            "--output-dir",
-            str(again),
-        ],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    run_benchmark(
+        "benchmarks.efficiency_layers",
+        "--report-only",
+        str(tmp_path / "efficiency_layers.json"),
+        "--output-dir",
+        str(again),
     )
     assert (again / "RESULTS.md").read_text() == text
 
@@ -141,3 +130,23 @@ def test_accuracy_plot(tmp_path):
         title="ViLT, VQAv2",
     )
     assert path.stat().st_size > 0
+
+
+def test_calibration_tiny_writes_its_section(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    run_benchmark("benchmarks.calibration", "--tiny", "--results-md", str(results))
+    text = results.read_text()
+    assert text.count("<!-- BEGIN calibration -->") == 1
+    for expected in ("tiny Llama", "tiny DINOv2, digits", "default, calibrated for a LayerNorm-sized X", "Command:"):
+        assert expected in text
+
+
+def test_design_sweep_tiny_records_each_variant_once(tmp_path):
+    output = tmp_path / "design.jsonl"
+    arguments = ["--tiny", "--steps", "2", "--variants", "3e-3,16,1,0", "1e-2,4,2,1", "--lrs", "1e-2", "--output"]
+    run_benchmark("benchmarks.design_sweep", *arguments, str(output))
+    run_benchmark("benchmarks.design_sweep", *arguments, str(output))  # resumes: nothing left to run
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["variant"] for r in records] == ["3e-3,16,1,0", "1e-2,4,2,1"]
+    assert records[0]["perplexity"] != records[1]["perplexity"]  # the variant reaches the adapter
+    assert all(r["steps"] == 2 and r["perplexity"] > 0 and "Command:" in r["environment"] for r in records)
