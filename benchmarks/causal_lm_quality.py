@@ -250,7 +250,7 @@ def header_lines(records: list[dict], args: argparse.Namespace) -> list[str]:
     environments = list(dict.fromkeys(line for r in records for line in r["environment"].rstrip().splitlines()))
     environments.sort(key=lambda line: line.startswith("- Command"))
     return [
-        f"## Causal-LM adaptation quality (benchmarks/causal_lm_quality.py, {SECTION})",
+        f"## Causal-LM adaptation quality (benchmarks/causal_lm_quality.py, {args.section})",
         "",
         *environments,
         f"- Training wall time summed over the {len(records)} runs: "
@@ -325,7 +325,7 @@ def change_lines(table: dict, frozen: float) -> list[str]:
 
 def plot_lines(table: dict, frozen: float, args: argparse.Namespace) -> list[str]:
     """The perplexity-vs-lr plot, written, and its link."""
-    path = args.output_dir / f"{SECTION}.png"
+    path = args.output_dir / f"{args.section}.png"
     plot_metric_vs_lr(
         table,
         path,
@@ -373,6 +373,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output-dir", type=Path, default=OUTPUT_DIR, help="per-run JSON lines and the plot")
     parser.add_argument("--results-md", type=Path, default=RESULTS_PATH)
+    parser.add_argument("--section", default=SECTION, help="the RESULTS.md section (and plot name) to write")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from the records on disk")
     parser.add_argument("--sweep-only", action="store_true", help="append the runs' records, write no report")
     args = parser.parse_args(argv)
@@ -388,8 +389,8 @@ def main(argv=None) -> None:
         run_sweep(args)
     if args.sweep_only:
         return
-    write_section(SECTION, report(args), args.results_md)
-    print(f"wrote the '{SECTION}' section of {args.results_md}")
+    write_section(args.section, report(args), args.results_md)
+    print(f"wrote the '{args.section}' section of {args.results_md}")
 
 
 if __name__ == "__main__":
