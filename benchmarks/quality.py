@@ -47,7 +47,7 @@ OUTPUT_DIR = Path(__file__).resolve().parent / "results"
 INIT_DOC = Path(__file__).resolve().parent.parent / "docs" / "initialisation.md"
 INIT_ABLATIONS = "#init-ablation-rows"
 INIT_WHY = "#init_weights-safe-by-default-the-authors-on-request"
-INIT_RECIPE = "#the-stable-recipe-the-current-default"
+INIT_RECIPE = "#why-the-term-either-barely-acts-or-runs-away-and-what-the-default-does-about-it"
 
 
 @dataclass(frozen=True)
@@ -675,7 +675,7 @@ def init_rationale_lines(args: argparse.Namespace) -> list[str]:
         "### Why APT's default initialisation changed",
         "",
         f"See [docs/initialisation.md]({doc_link(args, INIT_WHY)}) and "
-        f"[its stable recipe]({doc_link(args, INIT_RECIPE)}).",
+        f"[why it is what it is]({doc_link(args, INIT_RECIPE)}).",
         "",
     ]
 
