@@ -59,9 +59,11 @@ class CausalLMArguments:
     max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated from the prompt."})
 
 
-# Sized for SmolLM2 on a laptop CPU (a few minutes); pass larger values on a GPU.
+# Sized for SmolLM2 on a laptop CPU (a few minutes); pass larger values on a GPU. Decoders take APT's rate at the top
+# of its range (README, "Choosing hyper-parameters").
 CAUSAL_LM_DEFAULTS = dict(
     SHORT_RUN_DEFAULTS,
+    learning_rate=1e-2,
     output_dir="outputs/apt-causal-lm",
     max_steps=40,
     per_device_train_batch_size=4,
