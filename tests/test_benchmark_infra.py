@@ -202,12 +202,12 @@ def test_init_ablations_change_only_the_parametrisation():
         return next(m for m in model.modules() if isinstance(m, APTLayer))
 
     default = first_apt_layer("APT p=200")
-    slow_prompts = first_apt_layer("APT p=200 P/c std .08")
+    other_prompt_speed = first_apt_layer("APT p=200 P/c std .08")
     small_W1 = first_apt_layer("APT p=200 W1 var 1/d")
     # the same effective prompts, trained at another scale
-    torch.testing.assert_close(slow_prompts.prompts("default"), default.prompts("default"))
-    assert slow_prompts.apt_prompt["default"].std().item() == pytest.approx(0.08, rel=1e-4)
-    torch.testing.assert_close(slow_prompts.apt_W1["default"], default.apt_W1["default"])
+    torch.testing.assert_close(other_prompt_speed.prompts("default"), default.prompts("default"))
+    assert other_prompt_speed.apt_prompt["default"].std().item() == pytest.approx(0.08, rel=1e-4)
+    torch.testing.assert_close(other_prompt_speed.apt_W1["default"], default.apt_W1["default"])
     # the same draws of W1, divided by sqrt(d)
     torch.testing.assert_close(small_W1.apt_W1["default"] * math.sqrt(HIDDEN), default.apt_W1["default"])
     torch.testing.assert_close(small_W1.prompts("default"), default.prompts("default"))
