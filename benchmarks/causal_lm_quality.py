@@ -334,7 +334,7 @@ def plot_lines(table: dict, frozen: float, args: argparse.Namespace) -> list[str
         reference=("frozen", frozen),
     )
     relative = path.relative_to(args.results_md.parent) if path.is_relative_to(args.results_md.parent) else path
-    return ["", f"![causal-lm]({relative})"]
+    return ["", f"![{args.section}]({relative})"]
 
 
 def records_config(records: list[dict], name: str) -> str:

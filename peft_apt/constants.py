@@ -70,7 +70,8 @@ TRANSFORMERS_MODELS_TO_APT_TARGET_MODULES_MAPPING: dict[str, list[str] | str] = 
 
 # The norm whose output is an attention's input X, per model type and attention name (the last part of the module's
 # path; "*" for any): the default init calibrates the prompts on the size of that norm's output, so the initial term
-# is the same fraction of X in every family (see `APTModel.input_norm_size`). Candidates are tried in order:
+# is the same fraction of X in every family (`APTModel.input_norm`, `layer.normalised_input_size`). Candidates are
+# tried in order:
 #   "name"           `name` in the attention's block (the entry of the module list that holds the attention)
 #   "previous/name"  `name` in the block before it (post-LN stacks: X is the previous block's output norm)
 #   "~suffix"        the module whose path ends with `suffix` and shares the longest prefix with the attention's path
@@ -118,7 +119,7 @@ TRANSFORMERS_MODELS_TO_APT_INPUT_NORMS: dict[str, dict[str, tuple[str, ...]]] = 
             "bloom",
         ),
         {"*": _PRE_LN},
-    ),  # fmt: skip
+    ),
     # composite models: the language model's blocks, then the vision tower's
     "llama4": {"*": _PRE_LN},
     "gemma3": {"*": (*_PRE_LN, "layer_norm1")},

@@ -22,8 +22,9 @@ from .constants import OUTPUT_PROJECTION_NAMES
 # benchmark records are keyed by it.
 PARAMETRISATION_VERSION = 3
 
-# The default's initial prompt term relative to a LayerNorm-sized input, ||a (A @ P)|| / ||X||: small enough that the
-# adapted model starts close to the frozen one (docs/initialisation.md says how it was chosen).
+# The default's initial prompt term relative to the module's input, ||a (A @ P)|| / ||X|| (||X|| read from the norm that
+# produces X): small enough that the adapted model starts close to the frozen one (docs/initialisation.md says how it
+# was chosen).
 INITIAL_TERM_RATIO = 3e-3
 
 # The default draws apt_prompt at this many times the reference std (0.02) and keeps P = prompt_scale * apt_prompt
@@ -118,10 +119,9 @@ def normalised_input_size(norm: Optional[nn.Module], hidden_size: int) -> Option
     ):
         return None  # no norm, its weights not loaded yet, or a norm before a projection to d (ELECTRA's embeddings)
     probes = torch.randn(256, hidden_size, generator=torch.Generator().manual_seed(0))
-    with _gathered(list(norm.parameters())):
-        dtype = next(norm.parameters(), probes).dtype
-        device = next(norm.parameters(), probes).device
-        return norm(probes.to(device, dtype)).float().norm(dim=-1).mean().item()
+    like = weights[0] if weights else probes
+    with _gathered(weights):
+        return norm(probes.to(like.device, like.dtype)).float().norm(dim=-1).mean().item()
 
 
 def _gathered(parameters: list[nn.Parameter]):
