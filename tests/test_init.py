@@ -221,6 +221,20 @@ def test_multiplier_depends_on_p_d_and_the_base_weights_only():
     assert layer.prompt_scale("default") == scales.pop() / 2
 
 
+def test_a_missing_input_norm_is_named_and_the_layernorm_size_assumed():
+    """A model whose layout the norms table does not describe gets the sqrt(d) calibration, with a warning naming the
+    module and the norms looked for, never an error or a silent guess from another module."""
+    model, _ = pretrained_like_attention()
+    del model.encoder.layer[0].norm1
+    with pytest.warns(UserWarning, match=r"none of the norms \['norm1'\] feeding 'encoder.layer.0.attention'"):
+        layer = get_peft_model(model, APTConfig(num_prompts=200)).base_model.model.encoder.layer[0].attention
+    plain, _ = pretrained_like_attention()
+    with torch.no_grad():
+        plain.encoder.layer[0].norm1.weight.fill_(1.0)  # a LayerNorm-sized X, as assumed
+    expected = get_peft_model(plain, APTConfig(num_prompts=200)).base_model.model.encoder.layer[0].attention
+    assert layer.multipliers == expected.multipliers
+
+
 def test_low_cpu_mem_usage_loading_keeps_the_multiplier(tmp_path):
     """Adapters created on the meta device and then loaded get the multiplier they were trained with."""
     from peft import PeftModel
