@@ -208,30 +208,38 @@ def find_input_norm(model: nn.Module, attention_path: str, candidates: tuple[str
     block = ".".join(parts[: indexes[-1] + 1]) if indexes else attention_path.rpartition(".")[0]
     index = int(parts[indexes[-1]]) if indexes else 0
     previous = f"{block.rpartition('.')[0]}.{index - 1}" if index else None
-    modules = _modules_by_base_path(model)
     for candidate in candidates:
-        if "{previous}" in candidate and not previous:
+        if not previous and ("{previous}" in candidate or candidate.startswith("previous/")):
             continue
         if candidate.startswith("~"):
             suffix = candidate[1:].format(previous=index - 1)
-            found = [path for path in modules if path.endswith(suffix)]
+            found = {path: module for path, module in _modules_by_base_path(model) if path.endswith(suffix)}
             if found:
-                return modules[max(found, key=lambda path: len(os.path.commonprefix([path, attention_path])))]
+                return found[max(found, key=lambda path: len(os.path.commonprefix([path, attention_path])))]
             continue
         scope, _, name = candidate.rpartition("/")
-        if scope == "previous" and not previous:
-            continue
-        path = f"{previous if scope == 'previous' else block}.{name}"
-        if path in modules:
-            return modules[path]
+        norm = _base_submodule(model, f"{previous if scope == 'previous' else block}.{name}")
+        if norm is not None:
+            return norm
     return None
 
 
-def _modules_by_base_path(model: nn.Module) -> dict[str, nn.Module]:
-    """The model's modules by their paths in the base model: an adapted attention's children keep their paths."""
-    return {
-        path.replace(".base_layer.", ".").removesuffix(".base_layer"): module for path, module in model.named_modules()
-    }
+def _base_submodule(model: nn.Module, path: str) -> Optional[nn.Module]:
+    """The module at `path` in the base model (through adapted attentions' base layers), or None."""
+    module = model
+    for name in path.split("."):
+        if isinstance(module, APTLayer) and not hasattr(module, name):
+            module = module.get_base_layer()
+        module = getattr(module, name, None)
+        if not isinstance(module, nn.Module):
+            return None
+    return module
+
+
+def _modules_by_base_path(model: nn.Module):
+    """(path in the base model, module) for every module: an adapted attention's children keep their paths."""
+    for path, module in model.named_modules():
+        yield path.replace(".base_layer.", ".").removesuffix(".base_layer"), module
 
 
 _OTHER_ADAPTER_KEY = re.compile(rf"\.({'|'.join(APTLayer.adapter_layer_names)})(\.[^.]+){{2}}$")
