@@ -38,6 +38,7 @@ from peft_apt import layer as apt_layer
 from .baselines import count_trainable_parameters, reference_optimiser
 from .markdown import RESULTS_PATH, environment, write_section
 from .plots import plot_metric_vs_lr
+from .prompt_terms import term_state
 
 OUTPUT_DIR = Path(__file__).resolve().parent / "results"
 RECORDS_GLOB = "causal-lm-*.jsonl"
@@ -124,9 +125,15 @@ def optimiser_of(model, lr: float, steps: int, reference: bool):
 def train_and_evaluate(
     config: PeftConfig, base, train_blocks, held_out_blocks, lr: float, seed: int, args, reference_optimiser=False
 ) -> dict:
-    """`args.steps` optimiser steps (see `optimiser_of`); held-out perplexity after."""
+    """`args.steps` optimiser steps (see `optimiser_of`); held-out perplexity after and, for APT, the prompt term's
+    size and direction before and after on a held-out batch (`prompt_terms.term_state`)."""
     torch.manual_seed(seed)
     model = get_peft_model(copy.deepcopy(base), config)
+    probe = held_out_blocks[: args.batch_size]
+    measure_term = (
+        (lambda: term_state(model.eval(), lambda m: m(input_ids=probe))) if isinstance(config, APTConfig) else dict
+    )
+    term_before = measure_term()
     optimizer, schedule = optimiser_of(model, lr, args.steps, reference_optimiser)
     order = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(seed))
     start = time.perf_counter()
@@ -141,7 +148,10 @@ def train_and_evaluate(
         schedule.step()
         losses.append(loss.item())
     seconds = time.perf_counter() - start
+    term_after = measure_term()
     return {
+        **{f"{key}_before": value for key, value in term_before.items()},
+        **{f"{key}_after": value for key, value in term_after.items()},
         "perplexity": perplexity(model, held_out_blocks, args.batch_size),
         "trainable_parameters": count_trainable_parameters(model),
         "first_train_loss": losses[0],

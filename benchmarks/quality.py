@@ -47,7 +47,7 @@ from .baselines import (
 )
 from .markdown import RESULTS_PATH, environment, write_section
 from .plots import plot_accuracy_vs_flops
-from .prompt_terms import prompt_terms
+from .prompt_terms import prompt_terms, term_sizes, term_state
 
 OUTPUT_DIR = Path(__file__).resolve().parent / "results"
 # Where the sections link for what their tables mean: the init ablations' names and why the default init is what it is
@@ -172,31 +172,9 @@ def pooled_features(tail: Dinov2Model, hidden: torch.Tensor) -> torch.Tensor:
     return torch.cat([hidden[:, 0], hidden[:, 1:].mean(dim=1)], dim=-1)
 
 
-def prompt_term_ratios(tail: nn.Module, hidden: torch.Tensor) -> list[float]:
-    """Per APT layer, ||a * (A @ P)|| / ||O|| over a batch: how far the adapter starts from the frozen attention."""
-    return [
-        float(r["term"].norm() / r["O"].norm())
-        for r in prompt_terms(tail, lambda model: pooled_features(model, hidden))
-    ]
-
-
-def term_alignment(tail: nn.Module, hidden: torch.Tensor) -> float:
-    """Mean over APT layers and tokens of |cos(term, tokens' mean X)|: near 1, the term adds to every token the
-    direction all tokens share, which the next LayerNorm turns into a loss of what tells them apart."""
-    alignments = []
-    for record in prompt_terms(tail, lambda model: pooled_features(model, hidden)):
-        common = F.normalize(record["X"].flatten(0, -2).mean(dim=0), dim=0)
-        alignments.append(F.cosine_similarity(record["term"].flatten(0, -2), common[None], dim=-1).abs().mean())
-    return float(torch.stack(alignments).mean())
-
-
-def term_state(tail: nn.Module, hidden: torch.Tensor) -> dict:
-    """The APT term's direction against the tokens' common one (`term_alignment`) and its size: the median over
-    layers of ||a (A @ P)|| / ||O|| (`prompt_term_ratios`)."""
-    return {
-        "term_alignment": term_alignment(tail, hidden),
-        "term_size": statistics.median(prompt_term_ratios(tail, hidden)),
-    }
+def term_state_on(tail: nn.Module, hidden: torch.Tensor) -> dict:
+    """`prompt_terms.term_state` on a batch of the tail's input."""
+    return term_state(tail, lambda model: pooled_features(model, hidden))
 
 
 def class_separation(features: torch.Tensor, labels: torch.Tensor) -> float:
@@ -238,7 +216,7 @@ def train_and_evaluate(
     method.attach(tail)
     probe = data["test_hidden"][:64]
     is_apt_tail = any(isinstance(module, APTLayer) for module in tail.modules())
-    term_before = term_state(tail.eval(), probe) if is_apt_tail else None
+    term_before = term_state_on(tail.eval(), probe) if is_apt_tail else None
     device = data["train_labels"].device
     tail.to(device)
     head.to(device)
@@ -282,7 +260,7 @@ def train_and_evaluate(
     )
     if term_before is not None:
         record.update({f"{key}_before": value for key, value in term_before.items()})
-        record.update({f"{key}_after": value for key, value in term_state(tail, probe).items()})
+        record.update({f"{key}_after": value for key, value in term_state_on(tail, probe).items()})
     return record
 
 
@@ -732,7 +710,7 @@ def initial_ratios_markdown(model: Dinov2Model, args: argparse.Namespace) -> lis
             torch.manual_seed(args.seeds[0])
             adapted = copy.deepcopy(backbone)
             get_peft_model(adapted, copy.deepcopy(config))
-            ratios = prompt_term_ratios(adapted, hidden)
+            ratios = term_sizes(prompt_terms(adapted, lambda model: pooled_features(model, hidden)))
             with torch.no_grad():
                 cosine = F.cosine_similarity(pooled_features(backbone, hidden), pooled_features(adapted, hidden)).mean()
             out.append(f"| {name} | " + " | ".join(f"{r:.3g}" for r in ratios) + f" | {cosine:.4f} |")

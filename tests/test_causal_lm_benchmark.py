@@ -28,6 +28,9 @@ def test_causal_lm_sweep_runs_reuses_records_and_adds_recipes(tmp_path):
     # lr 1e-2 on a random tiny Llama: every method moves the held-out perplexity
     assert all(r["perplexity"] != frozen for r in first)
     assert {r["trainable_parameters"] > 0 for r in first} == {True}
+    apt = [r for r in first if r["method"].startswith("APT")]
+    assert apt and all(r["term_size_before"] > 0 and 0 <= r["term_alignment_after"] <= 1 for r in apt)
+    assert all("term_size_before" not in r for r in first if not r["method"].startswith("APT"))
 
     main([*common, "--apt", "APT p=8", '{"num_prompts": 8}'])
     second = records(tmp_path)
