@@ -2,8 +2,10 @@
 
 Each variant changes the default's three constants and nothing else: the initial term's target ratio
 (`INITIAL_TERM_RATIO`), the trained prompts' std relative to the reference's (`TRAINED_PROMPT_STD_RATIO`) and a factor
-on W2's multiplier (`key_map_scale`), optionally with the authors' optimiser. A variant is written
-`ratio,std_ratio,W2_factor,reference_optimiser`, e.g. `3e-3,16,1,0` (the default of parametrisation version 3).
+on W2's multiplier (`key_map_scale`), optionally with the authors' optimiser and with only some of APT's tensors
+trained (the others keep their init). A variant is written `ratio,std_ratio,W2_factor,reference_optimiser[,trained]`,
+e.g. `3e-3,16,1,0` (the default of parametrisation version 3) or `3e-3,16,1,0,apt_s` (only the output scale trains;
+tensor names joined by `+`).
 Records resume: a (variant, lr, seed, steps) already in the file is skipped. The few-shot image variants are methods
 of `benchmarks.quality` (`APT p=200 term R P/c std S`).
 
@@ -14,13 +16,16 @@ Run from the repository root, e.g.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 from pathlib import Path
+from unittest import mock
 
 import torch
+from peft import get_peft_model
 
-from peft_apt import APTConfig
+from peft_apt import APTConfig, APTLayer
 from peft_apt import layer as apt_layer
 
 from . import causal_lm_quality
@@ -35,6 +40,22 @@ def use_variant(ratio: float, std_ratio: float, W2_factor: float) -> None:
     apt_layer.calibrated_prompt_scale = lambda p, d, size=None: DEFAULT_PROMPT_SCALE(p, d, size, target=ratio)
     apt_layer.TRAINED_PROMPT_STD_RATIO = std_ratio
     apt_layer.key_map_scale = lambda d: DEFAULT_KEY_MAP_SCALE(d) * W2_factor
+
+
+def training_only(tensor_names: list[str]):
+    """Within the block, the benchmark's adapted models train only the APT tensors named (e.g. `apt_s`)."""
+    unknown = set(tensor_names) - set(APTLayer.adapter_layer_names)
+    if unknown:
+        raise ValueError(f"Unknown APT tensors {sorted(unknown)}: choose from {APTLayer.adapter_layer_names}")
+
+    def adapted(model, config):
+        peft_model = get_peft_model(model, config)
+        for name, parameter in peft_model.named_parameters():
+            if parameter.requires_grad and not any(f".{tensor}." in name for tensor in tensor_names):
+                parameter.requires_grad_(False)
+        return peft_model
+
+    return mock.patch.object(causal_lm_quality, "get_peft_model", adapted)
 
 
 def main(argv=None) -> None:
@@ -55,12 +76,13 @@ def main(argv=None) -> None:
     for variant, lr in itertools.product(args.variants, args.lrs):
         if (variant, lr, args.seed, args.steps) in done:
             continue
-        ratio, std_ratio, W2_factor, reference = variant.split(",")
+        ratio, std_ratio, W2_factor, reference, *trained = variant.split(",")
         use_variant(float(ratio), float(std_ratio), float(W2_factor))
         config = APTConfig(task_type="CAUSAL_LM")
-        record = causal_lm_quality.train_and_evaluate(
-            config, base, train_blocks, held_out_blocks, lr, args.seed, benchmark, reference == "1"
-        )
+        with training_only(trained[0].split("+")) if trained else contextlib.nullcontext():
+            record = causal_lm_quality.train_and_evaluate(
+                config, base, train_blocks, held_out_blocks, lr, args.seed, benchmark, reference == "1"
+            )
         record.update(variant=variant, lr=lr, seed=args.seed, steps=args.steps, environment=machine)
         args.output.parent.mkdir(parents=True, exist_ok=True)
         with args.output.open("a") as f:

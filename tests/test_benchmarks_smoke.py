@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from examples.tiny_models import tiny_llama, word_tokenizer
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -143,10 +145,13 @@ def test_calibration_tiny_writes_its_section(tmp_path):
 
 def test_design_sweep_tiny_records_each_variant_once(tmp_path):
     output = tmp_path / "design.jsonl"
-    arguments = ["--tiny", "--steps", "2", "--variants", "3e-3,16,1,0", "1e-2,4,2,1", "--lrs", "1e-2", "--output"]
+    variants = ["3e-3,16,1,0", "1e-2,4,2,1", "3e-3,16,1,0,apt_s"]
+    arguments = ["--tiny", "--steps", "2", "--variants", *variants, "--lrs", "1e-2", "--output"]
     run_benchmark("benchmarks.design_sweep", *arguments, str(output))
     run_benchmark("benchmarks.design_sweep", *arguments, str(output))  # resumes: nothing left to run
     records = [json.loads(line) for line in output.read_text().splitlines()]
-    assert [r["variant"] for r in records] == ["3e-3,16,1,0", "1e-2,4,2,1"]
-    assert records[0]["perplexity"] != records[1]["perplexity"]  # the variant reaches the adapter
+    assert [r["variant"] for r in records] == variants
+    # the variant reaches the adapter; training s alone is another run, with one trained number per adapted layer
+    assert len({r["perplexity"] for r in records}) == 3
+    assert records[2]["trainable_parameters"] == tiny_llama(word_tokenizer(["a b"])).config.num_hidden_layers
     assert all(r["steps"] == 2 and r["perplexity"] > 0 and "Command:" in r["environment"] for r in records)
