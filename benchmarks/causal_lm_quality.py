@@ -36,7 +36,7 @@ from peft_apt import APTConfig
 from peft_apt import layer as apt_layer
 
 from .baselines import count_trainable_parameters, reference_optimiser
-from .markdown import RESULTS_PATH, environment, write_section
+from .markdown import RESULTS_PATH, best_lr, environment, write_section
 from .plots import plot_metric_vs_lr
 from .prompt_terms import term_state
 
@@ -246,10 +246,6 @@ def perplexity_cell(values: list[float]) -> str:
     return f"{mean:.2f}{spread}"
 
 
-def best_lr(by_lr: dict[float, list[float]]) -> float:
-    return min(by_lr, key=lambda lr: statistics.mean(by_lr[lr]))
-
-
 def header_lines(records: list[dict], args: argparse.Namespace) -> list[str]:
     """The title, the machine and versions once each, every distinct command, and the time the runs took."""
     environments = list(dict.fromkeys(line for r in records for line in r["environment"].rstrip().splitlines()))
@@ -301,8 +297,8 @@ def table_lines(records: list[dict], methods: dict, table: dict) -> list[str]:
         step = statistics.median(r["seconds_per_step"] for r in runs)
         cells = [perplexity_cell(by_lr[lr]) if lr in by_lr else "" for lr in lrs]
         lines.append(
-            f"| {name} | {runs[0]['trainable_parameters']:,} | {step:.2f} | {best_lr(by_lr):g} | "
-            f"{perplexity_cell(by_lr[best_lr(by_lr)])} | " + " | ".join(cells) + " |"
+            f"| {name} | {runs[0]['trainable_parameters']:,} | {step:.2f} | {best_lr(by_lr, min):g} | "
+            f"{perplexity_cell(by_lr[best_lr(by_lr, min)])} | " + " | ".join(cells) + " |"
         )
     return lines
 
@@ -316,8 +312,8 @@ def change_lines(table: dict, frozen: float) -> list[str]:
         "",
     ]
     for name, by_lr in table.items():
-        mean = statistics.mean(by_lr[best_lr(by_lr)])
-        lines.append(f"- {name}: {100 * (mean / frozen - 1):+.1f}% at lr {best_lr(by_lr):g}")
+        mean = statistics.mean(by_lr[best_lr(by_lr, min)])
+        lines.append(f"- {name}: {100 * (mean / frozen - 1):+.1f}% at lr {best_lr(by_lr, min):g}")
     for lr in sorted({lr for by_lr in table.values() for lr in by_lr}):
         at_lr = {name: statistics.mean(by_lr[lr]) for name, by_lr in table.items() if lr in by_lr}
         lines.append(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import platform
 import shlex
+import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import peft
@@ -13,6 +15,17 @@ import transformers
 
 RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
 TITLE = "# peft-apt benchmark results\n\nEach section is written by the script it names; rerun it to refresh it.\n"
+
+
+def best_lr(by_lr: dict[float, list[float]], better: Callable = max) -> float:
+    """
+    The learning rate a sweep settled on, from {lr: [score per seed]}: the best mean among the lrs run with the most
+    seeds. Sweeps run one seed per lr and then more seeds at the best one, whose mean may then fall below a one-seed
+    neighbour's; that neighbour was not the choice. `better` is `max` for accuracies, `min` for perplexities.
+    """
+    most_seeds = max(len(scores) for scores in by_lr.values())
+    chosen = [lr for lr, scores in by_lr.items() if len(scores) == most_seeds]
+    return better(chosen, key=lambda lr: statistics.mean(by_lr[lr]))
 
 
 def write_section(name: str, markdown: str, path: Path = RESULTS_PATH) -> None:

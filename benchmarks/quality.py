@@ -45,7 +45,7 @@ from .baselines import (
     reference_optimiser,
     set_backbone_trainable,
 )
-from .markdown import RESULTS_PATH, environment, write_section
+from .markdown import RESULTS_PATH, best_lr, environment, write_section
 from .plots import plot_accuracy_vs_flops
 from .prompt_terms import prompt_terms, term_sizes, term_state
 
@@ -392,10 +392,6 @@ def summarise(records: list[dict]) -> dict:
             100 * record["accuracy"]
         )
     return table
-
-
-def best_lr(by_lr: dict) -> float:
-    return max(by_lr, key=lambda lr: statistics.mean(by_lr[lr]))
 
 
 def format_accuracy(values: list[float]) -> str:

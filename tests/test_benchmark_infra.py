@@ -17,6 +17,7 @@ from benchmarks.baselines import (
     set_backbone_trainable,
     vpt_init_bound,
 )
+from benchmarks.markdown import best_lr
 from examples.offline.dinov2 import IMAGE_MEAN, prepare_pixels
 from examples.offline.images import load_digits, load_textile
 from examples.tiny_models import tiny_dinov2
@@ -211,3 +212,11 @@ def test_init_ablations_change_only_the_parametrisation():
     # the same draws of W1, divided by sqrt(d)
     torch.testing.assert_close(small_W1.apt_W1["default"] * math.sqrt(HIDDEN), default.apt_W1["default"])
     torch.testing.assert_close(small_W1.prompts("default"), default.prompts("default"))
+
+
+def test_best_lr_is_the_one_the_extra_seeds_went_to():
+    # one seed at 1e-3 and 1e-2, three at 3e-3 (the first seed's best): a lucky one-seed neighbour is not the choice
+    by_lr = {1e-3: [90.0], 3e-3: [92.0, 86.0, 87.0], 1e-2: [91.0]}
+    assert best_lr(by_lr) == 3e-3
+    assert best_lr({1e-3: [30.0, 31.0], 3e-3: [29.0, 33.0]}, min) == 1e-3  # perplexities, equal seeds: best mean
+    assert best_lr({1e-3: [90.0, 76.0], 3e-3: [84.0, 84.0]}) == 3e-3  # the mean, not the best seed
