@@ -18,6 +18,7 @@ from benchmarks.baselines import (
     vpt_init_bound,
 )
 from benchmarks.markdown import best_lr
+from benchmarks.quality import targets_markdown
 from examples.offline.dinov2 import IMAGE_MEAN, prepare_pixels
 from examples.offline.images import load_digits, load_textile
 from examples.tiny_models import tiny_dinov2
@@ -220,3 +221,18 @@ def test_best_lr_is_the_one_the_extra_seeds_went_to():
     assert best_lr(by_lr) == 3e-3
     assert best_lr({1e-3: [30.0, 31.0], 3e-3: [29.0, 33.0]}, min) == 1e-3  # perplexities, equal seeds: best mean
     assert best_lr({1e-3: [90.0, 76.0], 3e-3: [84.0, 84.0]}) == 3e-3  # the mean, not the best seed
+
+
+def test_targets_judge_the_gain_share_and_the_floor_up_to_1e_2():
+    table = {
+        ("digits", "head-only"): {1e-3: [40.0, 40.0], 1e-2: [50.0, 50.0]},
+        ("digits", "LoRA r=4"): {1e-3: [70.0, 70.0], 1e-2: [10.0, 10.0]},
+        ("digits", "APT p=200"): {1e-3: [45.0, 45.0], 1e-2: [48.0, 48.0]},
+    }
+    lines = targets_markdown(table, "digits", "APT p=200").splitlines()
+    # head-only's best 50, LoRA's 70, APT's 48: a gain of -2 against 20
+    assert lines[0].endswith("at every lr <= 0.01: **FAILS** (0.001: +5.0, 0.01: -2.0)")
+    assert lines[3].endswith("**FAILS** (-10%: 48.0 and 70.0 against 50.0)")
+    table["digits", "APT p=200"][1e-2] = [66.0, 66.0]
+    lines = targets_markdown(table, "digits", "APT p=200").splitlines()
+    assert "**holds**" in lines[0] and lines[3].endswith("**holds** (80%: 66.0 and 70.0 against 50.0)")
