@@ -396,6 +396,8 @@ def summarise(records: list[dict]) -> dict:
 
 def format_accuracy(values: list[float]) -> str:
     mean, std = mean_std(values)
+    if len(values) == 1:
+        return f"{mean:.1f} (n=1)"
     return f"{mean:.1f} ± {std:.1f}" + ("" if len(values) > 2 else f" (n={len(values)})")
 
 
@@ -435,25 +437,27 @@ def targets_markdown(table: dict, dataset: str, apt: str) -> str:
         verdict = "holds" if min(gaps.values()) >= -BAR_MARGIN else "FAILS"
         shown = ", ".join(f"{lr:g}: {gap:+.1f}" for lr, gap in gaps.items())
         lines.append(f"- {apt} >= head-only - {BAR_MARGIN:g} at every lr <= {FLOOR_MAX_LR:g}: **{verdict}** ({shown})")
-    stds = {lr: mean_std(apt_by_lr[lr])[1] for lr in bar_lrs}
-    verdict = "holds" if max(stds.values()) <= BAR_MAX_STD else "FAILS"
-    shown = ", ".join(f"{lr:g}: {std:.1f}" for lr, std in stds.items())
-    # the split changes with the seed, so part of the spread is the data's: show the rivals' largest spread beside it
-    rivals = {
-        m: max(mean_std(by_lr(m)[lr])[1] for lr in bar_lrs if lr in by_lr(m))
-        for m in ("head-only", "LoRA r=4")
-        if any(lr in by_lr(m) for lr in bar_lrs)
-    }
-    context = "".join(f"; largest {m} std {std:.1f}" for m, std in rivals.items())
-    lines.append(f"- {apt} seed std <= {BAR_MAX_STD:g} at every lr <= {BAR_MAX_LR:g}: **{verdict}** ({shown}{context})")
+    stds = {lr: mean_std(apt_by_lr[lr])[1] for lr in bar_lrs if len(apt_by_lr[lr]) > 1}
+    if stds:
+        verdict = "holds" if max(stds.values()) <= BAR_MAX_STD else "FAILS"
+        shown = ", ".join(f"{lr:g}: {std:.1f}" for lr, std in stds.items())
+        # the split changes with the seed, so part of the spread is the data's: show the rivals' largest beside it
+        rivals = {
+            m: max(mean_std(by_lr(m)[lr])[1] for lr in bar_lrs if len(by_lr(m).get(lr, ())) > 1)
+            for m in ("head-only", "LoRA r=4")
+            if any(len(by_lr(m).get(lr, ())) > 1 for lr in bar_lrs)
+        }
+        context = "".join(f"; largest {m} std {std:.1f}" for m, std in rivals.items())
+        judged = f"seed std <= {BAR_MAX_STD:g} at every lr <= {BAR_MAX_LR:g}"
+        lines.append(f"- {apt} {judged}: **{verdict}** ({shown}{context})")
     ours = mean(apt_by_lr[best_lr(apt_by_lr)])
     for rival in sorted(method for d, method in table if d == dataset and method.startswith(("LoRA", "deep prompt"))):
         theirs = mean(by_lr(rival)[best_lr(by_lr(rival))])
         verdict = "holds" if ours >= theirs - BAR_MARGIN else "FAILS"
         lines.append(f"- {apt} best >= {rival} best - {BAR_MARGIN:g}: **{verdict}** ({ours:.1f} vs {theirs:.1f})")
     lora = by_lr("LoRA r=4")
-    if head_by_lr and lora:
-        head_best, lora_best = (mean(scores[best_lr(scores)]) for scores in (head_by_lr, lora))
+    head_best, lora_best = (mean(scores[best_lr(scores)]) if scores else None for scores in (head_by_lr, lora))
+    if head_best is not None and lora_best is not None and lora_best > head_best:
         share = (ours - head_best) / (lora_best - head_best)
         verdict = "holds" if share >= GAIN_SHARE else "FAILS"
         lines.append(
