@@ -79,9 +79,10 @@ def main(argv=None) -> None:
         ratio, std_ratio, W2_factor, reference, *trained = variant.split(",")
         use_variant(float(ratio), float(std_ratio), float(W2_factor))
         config = APTConfig(task_type="CAUSAL_LM")
+        optimiser = "reference" if reference == "1" else None
         with training_only(trained[0].split("+")) if trained else contextlib.nullcontext():
             record = causal_lm_quality.train_and_evaluate(
-                config, base, train_blocks, held_out_blocks, lr, args.seed, benchmark, reference == "1"
+                config, base, train_blocks, held_out_blocks, lr, args.seed, benchmark, optimiser
             )
         record.update(variant=variant, lr=lr, seed=args.seed, steps=args.steps, environment=machine)
         args.output.parent.mkdir(parents=True, exist_ok=True)

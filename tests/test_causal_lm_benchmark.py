@@ -105,7 +105,7 @@ def test_reference_optimiser_is_the_authors_and_keys_its_runs_apart():
 
     model = get_peft_model(tiny_llama(word_tokenizer(["a b c"])), METHODS["APT, reference optimiser"]())
     model.base_model.model.model.norm.weight.requires_grad_(True)  # a trainable norm, kept out of weight decay
-    optimizer, schedule = optimiser_of(model, lr=1e-3, steps=10, reference=True)
+    optimizer, schedule = optimiser_of(model, lr=1e-3, steps=10, optimiser="reference")
     decayed, kept = optimizer.param_groups
     assert (decayed["weight_decay"], kept["weight_decay"]) == (0.01, 0.0) and decayed["betas"] == (0.9, 0.98)
     assert len(kept["params"]) == 1 and kept["params"][0] is model.base_model.model.model.norm.weight
@@ -117,4 +117,9 @@ def test_reference_optimiser_is_the_authors_and_keys_its_runs_apart():
         schedule.step()
     assert rates[0] == 0.0 and rates[1] == 1e-3 and schedule.get_last_lr()[0] == 0.0  # 1 warm-up step, linear to 0
     assert rates[1] - rates[2] == pytest.approx(rates[2] - rates[3])
-    assert run_key("APT, reference optimiser", METHODS["APT"]()) != run_key("APT", METHODS["APT"]())
+    keys = {run_key(name, METHODS["APT"]()) for name in ("APT", "APT, reference optimiser", "APT, beta2 0.98")}
+    assert len(keys) == 3
+    (only_beta2,) = optimiser_of(model, lr=1e-3, steps=10, optimiser="beta2 0.98")[0].param_groups
+    assert only_beta2["betas"] == (0.9, 0.98) and only_beta2["weight_decay"] == 0.0
+    with pytest.raises(ValueError, match="Unknown optimiser 'adam'"):
+        optimiser_of(model, lr=1e-3, steps=10, optimiser="adam")
