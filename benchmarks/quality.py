@@ -529,8 +529,8 @@ def setup_paragraph(model: Dinov2Model, methods: list[str], args: argparse.Names
         f"{warmup}cosine schedule, batch {args.batch_size}, {args.epochs} epochs = {steps} "
         f"steps for every method"
         + (
-            ", except the rows 'reference optimiser': the authors' AdamW, betas (0.9, 0.98), weight decay 0.01 (none on "
-            "biases and norms), the same warm-up then linear decay to 0"
+            ", except the rows 'reference optimiser': the authors' AdamW, betas (0.9, 0.98), weight decay 0.01 (none "
+            "on biases and norms), the same warm-up then linear decay to 0"
             if any(METHODS[m].reference_optimiser for m in methods)
             else ""
         )
