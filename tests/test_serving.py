@@ -57,12 +57,14 @@ def assert_each_sample_uses_its_adapter(model, inputs, adapter_names):
         mixed = per_sample_outputs(model, inputs, adapter_names=adapter_names)
         expected = {name: single_adapter_outputs(model, inputs, name) for name in set(adapter_names)}
     assert mixed
+    # float32 through a few layers: the sub-batches' GEMMs round differently from the whole batch's, by up to 2e-5
+    # on some CPUs' kernels; the two choices differ by orders of magnitude more (checked below)
+    tolerance = 1e-4
     for key, value in mixed.items():
         for i, name in enumerate(adapter_names):
-            torch.testing.assert_close(value[i], expected[name][key][i], rtol=1e-5, atol=1e-5)
-    # the test can fail: the two choices really give different outputs
+            torch.testing.assert_close(value[i], expected[name][key][i], rtol=tolerance, atol=tolerance)
     first, second = (expected[name] for name in dict.fromkeys(adapter_names))
-    assert any(not torch.allclose(first[key], second[key]) for key in mixed)
+    assert max((first[key] - second[key]).abs().max().item() for key in mixed) > 100 * tolerance
 
 
 @pytest.mark.parametrize("family", ALL, ids=lambda f: f.name)
