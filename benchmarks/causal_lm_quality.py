@@ -62,6 +62,8 @@ METHODS: dict[str, Callable[[], PeftConfig]] = {
 # decay), see `optimiser_of`: "reference" is the authors' (`baselines.reference_optimiser`); "beta2 0.98" is the
 # benchmark's own with the authors' beta2 alone, to tell what keeps their runs steady.
 OPTIMISERS = {"APT, reference optimiser": "reference", "APT, beta2 0.98": "beta2 0.98"}
+# Adam's betas of the benchmark's own AdamW (None) and of its beta2 variant
+OWN_ADAM_BETAS = {None: (0.9, 0.999), "beta2 0.98": (0.9, 0.98)}
 LRS = (3e-4, 1e-3, 3e-3, 1e-2)
 # Config fields that do not decide what a run learns: where the base model was, and what APT records at injection
 NOT_KEYED = ("base_model_name_or_path", "revision", "multipliers")
@@ -120,10 +122,9 @@ def optimiser_of(model, lr: float, steps: int, optimiser: Optional[str] = None):
     parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if optimiser == "reference":
         return reference_optimiser(parameters, lr, steps, warmup)
-    if optimiser not in (None, "beta2 0.98"):
+    if optimiser not in OWN_ADAM_BETAS:
         raise ValueError(f"Unknown optimiser {optimiser!r}: choose None or one of {sorted(set(OPTIMISERS.values()))}")
-    betas = (0.9, 0.98) if optimiser else (0.9, 0.999)
-    optimizer = torch.optim.AdamW(parameters.values(), lr=lr, betas=betas, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(parameters.values(), lr=lr, betas=OWN_ADAM_BETAS[optimiser], weight_decay=0.0)
     return optimizer, get_cosine_schedule_with_warmup(optimizer, warmup, steps)
 
 
