@@ -155,3 +155,34 @@ def test_design_sweep_tiny_records_each_variant_once(tmp_path):
     assert len({r["perplexity"] for r in records}) == 3
     assert records[2]["trainable_parameters"] == tiny_llama(word_tokenizer(["a b"])).config.num_hidden_layers
     assert all(r["steps"] == 2 and r["perplexity"] > 0 and "Command:" in r["environment"] for r in records)
+
+
+@pytest.mark.parametrize("centred", [False, True])
+def test_design_sweep_prompts_from_inputs_start_at_the_target_ratio(centred):
+    import torch.nn.functional as F
+
+    from benchmarks import causal_lm_quality, design_sweep
+    from benchmarks.prompt_terms import prompt_terms
+    from examples.offline.text import token_blocks
+    from examples.tiny_models import tiny_corpus
+    from peft_apt import APTConfig, APTLayer
+    from peft_apt.layer import INITIAL_TERM_RATIO
+
+    tokenizer = word_tokenizer([tiny_corpus()])
+    blocks = token_blocks(tokenizer, [tiny_corpus()], block_size=16, max_blocks=2)
+    with design_sweep.prompts_from_inputs(blocks, centred=centred):
+        model = causal_lm_quality.get_peft_model(
+            tiny_llama(tokenizer), APTConfig(num_prompts=16, task_type="CAUSAL_LM")
+        )
+    with model.disable_adapter():
+        records = prompt_terms(model, lambda m: m(input_ids=blocks))
+    layers = [module for module in model.modules() if isinstance(module, APTLayer)]
+    assert len(records) == len(layers) == 2
+    for layer, record in zip(layers, records):
+        # the term is of degree 3 in the prompts, so one rescale of the multiplier lands it on the target exactly
+        ratio = (record["term"].norm(dim=-1) / record["X"].norm(dim=-1)).mean().item()
+        assert ratio == pytest.approx(INITIAL_TERM_RATIO, rel=1e-4)
+        tokens = record["X"].flatten(0, -2)
+        tokens = tokens - tokens.mean(dim=0) if centred else tokens
+        cosines = F.normalize(layer.apt_prompt["default"], dim=-1) @ F.normalize(tokens, dim=-1).T
+        assert cosines.max(dim=1).values.min().item() == pytest.approx(1.0, abs=1e-5)  # each prompt is a token's X
