@@ -240,6 +240,7 @@ def report(args: argparse.Namespace) -> str:
         *header_lines(records, args),
         *setup_lines(records, methods, table, frozen, args),
         *table_lines(records, methods, table),
+        *training_loss_lines(records, methods),
         *change_lines(table, frozen),
         *plot_lines(table, frozen, args),
     ]
@@ -306,6 +307,30 @@ def table_lines(records: list[dict], methods: dict, table: dict) -> list[str]:
         lines.append(
             f"| {name} | {runs[0]['trainable_parameters']:,} | {step:.2f} | {best_lr(by_lr, min):g} | "
             f"{perplexity_cell(by_lr[best_lr(by_lr, min)])} | " + " | ".join(cells) + " |"
+        )
+    return lines
+
+
+def training_loss_lines(records: list[dict], methods: dict) -> list[str]:
+    """Per method and lr, the training loss at the end of the run: read against the held-out perplexity, how much of
+    what a method fitted carries over to files it never saw."""
+    lrs = sorted({r["lr"] for r in records})
+    losses: dict[str, dict[float, list[float]]] = {}
+    for r in records:
+        losses.setdefault(r["method"], {}).setdefault(r["lr"], []).append(r["last_train_loss"])
+    lines = [
+        "",
+        "Training loss over the last 5 batches (mean over seeds; every method and lr sees the same batches), to read "
+        "against the held-out perplexity: where a method's training loss falls as far as another's and its held-out "
+        "perplexity does not, what it fitted belongs to the training files.",
+        "",
+        "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
+        "|---|" + "---:|" * len(lrs),
+    ]
+    for name in (name for name in methods if name in losses):
+        by_lr = losses[name]
+        lines.append(
+            f"| {name} | " + " | ".join(f"{statistics.mean(by_lr[lr]):.2f}" if lr in by_lr else "" for lr in lrs) + " |"
         )
     return lines
 

@@ -43,6 +43,10 @@ def test_causal_lm_sweep_runs_reuses_records_and_adds_recipes(tmp_path):
     for method in [*METHODS, "APT p=8"]:
         assert f"| {method} |" in text
     assert f"**{frozen:.2f}**" in text and "Command:" in text
+    # the training-loss table: one row per method, each the record's last training loss (one seed, one lr)
+    losses = text.split("Training loss over the last 5 batches")[1].split("Change of the held-out")[0]
+    for r in second:
+        assert f"| {r['method']} | {r['last_train_loss']:.2f} |" in losses
     assert (tmp_path / "causal-lm.png").stat().st_size > 0
 
 
