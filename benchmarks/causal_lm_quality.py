@@ -15,6 +15,7 @@ or the parametrisation change, the `APT` row is rerun rather than reused.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import json
@@ -131,8 +132,10 @@ def optimiser_of(model, lr: float, steps: int, optimiser: Optional[str] = None):
 def train_and_evaluate(
     config: PeftConfig, base, train_blocks, held_out_blocks, lr: float, seed: int, args, optimiser=None
 ) -> dict:
-    """`args.steps` optimiser steps (see `optimiser_of`); held-out perplexity after and, for APT, the prompt term's
-    size and direction before and after on a held-out batch (`prompt_terms.term_state`)."""
+    """`args.steps` optimiser steps (see `optimiser_of`); held-out perplexity after, for APT the prompt term's size and
+    direction before and after on a held-out batch (`prompt_terms.term_state`), and for the adapters that keep the
+    sequence (APT, LoRA) how far they move the attention outputs on training and held-out blocks
+    (`attention_change`)."""
     torch.manual_seed(seed)
     model = get_peft_model(copy.deepcopy(base), config)
     probe = held_out_blocks[: args.batch_size]
@@ -155,9 +158,16 @@ def train_and_evaluate(
         losses.append(loss.item())
     seconds = time.perf_counter() - start
     term_after = measure_term()
+    changes = {}
+    if not config.is_prompt_learning:  # prompt and prefix tuning lengthen the sequence: no like-for-like output
+        changes = {
+            f"attention_change_{split}": attention_change(model, blocks[: args.eval_blocks], args.batch_size)
+            for split, blocks in (("train", train_blocks), ("held_out", held_out_blocks))
+        }
     return {
         **{f"{key}_before": value for key, value in term_before.items()},
         **{f"{key}_after": value for key, value in term_after.items()},
+        **changes,
         "perplexity": perplexity(model, held_out_blocks, args.batch_size),
         "trainable_parameters": count_trainable_parameters(model),
         "first_train_loss": losses[0],
@@ -165,6 +175,35 @@ def train_and_evaluate(
         "seconds_per_step": round(seconds / len(losses), 3),
         "diverged": not all(math.isfinite(x) for x in losses),
     }
+
+
+@torch.no_grad()
+def attention_change(model, blocks: torch.Tensor, batch_size: int) -> float:
+    """
+    Median over the decoder's attention modules of ||O - O_frozen|| / ||O_frozen|| on `blocks`, O the module's output
+    with the adapter and O_frozen without it: how far the adapter moves the attention outputs. On training blocks
+    against held-out ones, it tells a change the training files call for from one that carries over to other files.
+    """
+    attentions = [module for name, module in model.named_modules() if name.endswith("self_attn")]
+
+    def outputs(adapted: bool) -> list[torch.Tensor]:
+        captured = [[] for _ in attentions]
+        handles = [
+            attention.register_forward_hook(lambda _, args, output, kept=kept: kept.append(output[0]))
+            for attention, kept in zip(attentions, captured)
+        ]
+        try:
+            with contextlib.nullcontext() if adapted else model.disable_adapter():
+                for batch in blocks.split(batch_size):
+                    model(input_ids=batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return [torch.cat(kept) for kept in captured]
+
+    model.eval()
+    pairs = zip(outputs(adapted=True), outputs(adapted=False))
+    return statistics.median(float((output - frozen).norm() / frozen.norm()) for output, frozen in pairs)
 
 
 def setup_of(args: argparse.Namespace) -> dict:

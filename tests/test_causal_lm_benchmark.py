@@ -31,6 +31,9 @@ def test_causal_lm_sweep_runs_reuses_records_and_adds_recipes(tmp_path):
     apt = [r for r in first if r["method"].startswith("APT")]
     assert apt and all(r["term_size_before"] > 0 and 0 <= r["term_alignment_after"] <= 1 for r in apt)
     assert all("term_size_before" not in r for r in first if not r["method"].startswith("APT"))
+    sequence_kept = [r for r in first if r["method"].startswith(("APT", "LoRA"))]
+    assert all(r["attention_change_train"] > 0 and r["attention_change_held_out"] > 0 for r in sequence_kept)
+    assert all("attention_change_train" not in r for r in first if r not in sequence_kept)
 
     main([*common, "--apt", "APT p=8", '{"num_prompts": 8}'])
     second = records(tmp_path)
@@ -127,3 +130,29 @@ def test_reference_optimiser_is_the_authors_and_keys_its_runs_apart():
     assert only_beta2["betas"] == (0.9, 0.98) and only_beta2["weight_decay"] == 0.0
     with pytest.raises(ValueError, match="Unknown optimiser 'adam'"):
         optimiser_of(model, lr=1e-3, steps=10, optimiser="adam")
+
+
+def test_attention_change_is_the_median_relative_change_of_the_attention_outputs():
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from benchmarks.causal_lm_quality import attention_change
+    from examples.tiny_models import tiny_corpus, tiny_llama, word_tokenizer
+    from peft_apt import APTConfig
+
+    tokenizer = word_tokenizer([tiny_corpus()])
+    blocks = torch.randint(3, len(tokenizer), (4, 8), generator=torch.Generator().manual_seed(0))
+    lora = get_peft_model(tiny_llama(tokenizer), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert attention_change(lora, blocks, batch_size=2) == 0.0  # B = 0 at init: no change
+    # APT on the last of two layers, no prompt term and exp(s) = 2: that layer's output doubles (relative change 1),
+    # the first layer's is untouched (0); the median of the two is 0.5
+    apt = get_peft_model(
+        tiny_llama(tokenizer),
+        APTConfig(num_prompts=4, target_modules=["self_attn"], layers_to_transform=[1], layers_pattern="layers"),
+    )
+    for name, parameter in apt.named_parameters():
+        if "apt_prompt" in name:
+            parameter.data.zero_()
+        if "apt_s" in name:
+            parameter.data.fill_(math.log(2))
+    assert attention_change(apt, blocks, batch_size=2) == pytest.approx(0.5, abs=1e-6)
