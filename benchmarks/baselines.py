@@ -138,8 +138,9 @@ def add_deep_prompts(
     return prompts
 
 
-def lora_config_for(model: nn.Module, r: int = 4, lora_alpha: int = 8) -> LoraConfig:
-    """LoRA on the attention query and value projections, as in the LoRA paper; names differ across transformers."""
+def lora_config_for(model: nn.Module, r: int = 4, lora_alpha: int = 8, roles: str = "qv") -> LoraConfig:
+    """LoRA on the attention query and value projections, as in the LoRA paper (`roles="q"` or `"v"`: one of them);
+    names differ across transformers."""
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     if {"q_proj", "v_proj"} <= names:  # ViT family, newer transformers releases
         targets = ["q_proj", "v_proj"]
@@ -147,6 +148,7 @@ def lora_config_for(model: nn.Module, r: int = 4, lora_alpha: int = 8) -> LoraCo
         targets = ["query", "value"]
     else:
         raise ValueError(f"No query/value projections found in {type(model).__name__}")
+    targets = [target for target in targets if target[0] in roles]
     return LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=targets)
 
 

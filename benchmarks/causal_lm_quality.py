@@ -51,6 +51,12 @@ METHODS: dict[str, Callable[[], PeftConfig]] = {
     "LoRA r=8 (q, v)": lambda: LoraConfig(
         task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]
     ),
+    **{
+        f"LoRA r=8 ({role})": lambda role=role: LoraConfig(
+            task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.0, target_modules=[f"{role}_proj"]
+        )
+        for role in "qv"
+    },
     "prompt tuning p=20": lambda: PromptTuningConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=20, prompt_tuning_init="SAMPLE_VOCAB"
     ),

@@ -112,17 +112,39 @@ def _apt_init_ablation(num_prompts, small_W1=False, trained_prompt_std=None, ter
     return attach
 
 
+def _apt_fixed_s(num_prompts):
+    """`APTConfig(num_prompts)` with the output scale s kept at its init (0): what the prompt term alone learns. s is
+    one number scaling a whole attention output, so each Adam step changes that output by about the learning rate."""
+
+    def attach(tail):
+        model = get_peft_model(tail, APTConfig(num_prompts=num_prompts, r=4))
+        for name, parameter in model.named_parameters():
+            if ".apt_s." in name:
+                parameter.requires_grad_(False)
+        return model
+
+    return attach
+
+
 METHODS = {
     method.name: method
     for method in (
         Method("head-only", _head_only),
         Method("full", _full),
         Method("LoRA r=4", lambda tail: get_peft_model(tail, lora_config_for(tail, r=4))),
+        *(
+            Method(
+                f"LoRA r=4 ({role} only)",
+                lambda tail, role=role: get_peft_model(tail, lora_config_for(tail, 4, roles=role)),
+            )
+            for role in "qv"
+        ),
         Method("deep prompt p=10", lambda tail: add_deep_prompts(tail, 10)),
         Method("deep prompt p=50", lambda tail: add_deep_prompts(tail, 50)),
         Method("APT p=50", _apt(50)),
         Method("APT p=200", _apt(200)),
         Method("APT p=200, reference optimiser", _apt(200), reference_optimiser=True),
+        Method("APT p=200 fixed s", _apt_fixed_s(200)),
         Method("APT p=50 reference init", _apt(50, "reference")),
         Method("APT p=50 W1 var 1/d", _apt_init_ablation(50, small_W1=True)),
         Method("APT p=200 W1 var 1/d", _apt_init_ablation(200, small_W1=True)),

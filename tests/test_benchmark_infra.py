@@ -153,6 +153,11 @@ def test_lora_config_targets_query_and_value():
     peft_model = get_peft_model(model, config)
     # per adapted Linear: A (r x in) + B (out x r)
     assert count_trainable_parameters(peft_model) == LAYERS * 2 * 4 * (HIDDEN + HIDDEN)
+    # one role alone: the query or the value projection only, half the parameters
+    for role, name in zip("qv", sorted(expected)):
+        single = lora_config_for(tiny_dinov2(**DINOV2), roles=role)
+        assert set(single.target_modules) == {name}
+        assert count_trainable_parameters(get_peft_model(tiny_dinov2(**DINOV2), single)) == LAYERS * 4 * 2 * HIDDEN
 
 
 def test_set_backbone_trainable():
