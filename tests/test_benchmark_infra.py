@@ -241,3 +241,6 @@ def test_targets_judge_the_gain_share_and_the_floor_up_to_1e_2():
     table["digits", "APT p=200"][1e-2] = [66.0, 66.0]
     lines = targets_markdown(table, "digits", "APT p=200").splitlines()
     assert "**holds**" in lines[0] and lines[3].endswith("**holds** (80%: 66.0 and 70.0 against 50.0)")
+    # an ablation row of a rival (LoRA on one projection) is reported, not judged against
+    table["digits", "LoRA r=4 (q only)"] = {1e-3: [99.0, 99.0]}
+    assert targets_markdown(table, "digits", "APT p=200").splitlines() == lines
