@@ -7,8 +7,8 @@ trained (the others keep their init). A variant is written `ratio,std_ratio,W2_f
 e.g. `3e-3,16,1,0` (the default of parametrisation version 3) or `3e-3,16,1,0,apt_s` (only the output scale trains;
 tensor names joined by `+`). `--prompt-init inputs` starts the prompts from the adapted modules' own inputs instead of
 random draws (`centred-inputs`: minus the tokens' mean input), a data-dependent start that the constants cannot give.
-Records resume: a (variant, lr, seed, steps) already in the file is skipped. The few-shot image variants are methods
-of `benchmarks.quality` (`APT p=200 term R P/c std S`).
+Records resume: a (variant, prompt init, lr, seed, steps) already in the file is skipped. The few-shot image variants
+are methods of `benchmarks.quality` (`APT p=200 term R P/c std S`).
 
 Run from the repository root, e.g.
 `python -m benchmarks.design_sweep --variants 3e-3,16,1,0 1e-2,16,1,0 --lrs 3e-3 1e-2`.
@@ -66,10 +66,9 @@ PROMPT_INITS = ("random", "inputs", "centred-inputs")
 def prompts_from_inputs(blocks: torch.Tensor, centred: bool):
     """
     Within the block, the benchmark's APT adapters start from prompts drawn among their inputs X in the frozen model on
-    `blocks`
-    (minus the tokens' mean X when `centred`), at the default's trained std, with each module's prompt multiplier
-    set so that the initial term is `INITIAL_TERM_RATIO` of X there. Drawn from the data, the keys start aligned
-    with the tokens they score, which random prompts only reach by training.
+    `blocks` (minus the tokens' mean X when `centred`), at the default's trained std, with each module's prompt
+    multiplier set so that the initial term is `INITIAL_TERM_RATIO` of X there. Drawn from the data, the keys start
+    aligned with the tokens they score, which random prompts only reach by training.
     """
 
     @torch.no_grad()
