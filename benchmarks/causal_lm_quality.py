@@ -208,7 +208,13 @@ def attention_change(model, blocks: torch.Tensor, batch_size: int) -> float:
         return [torch.cat(kept) for kept in captured]
 
     model.eval()
-    pairs = zip(outputs(adapted=True), outputs(adapted=False))
+    # re-enabling an adapter makes all its tensors trainable again (PEFT's `set_adapter`): keep what the run trained
+    trainable = {parameter: parameter.requires_grad for parameter in model.parameters()}
+    try:
+        pairs = list(zip(outputs(adapted=True), outputs(adapted=False)))
+    finally:
+        for parameter, flag in trainable.items():
+            parameter.requires_grad_(flag)
     return statistics.median(float((output - frozen).norm() / frozen.norm()) for output, frozen in pairs)
 
 

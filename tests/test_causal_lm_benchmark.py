@@ -155,4 +155,10 @@ def test_attention_change_is_the_median_relative_change_of_the_attention_outputs
             parameter.data.zero_()
         if "apt_s" in name:
             parameter.data.fill_(math.log(2))
+    for name, parameter in apt.named_parameters():
+        if "apt_W1" in name:
+            parameter.requires_grad_(False)  # a run that trains a subset of the tensors
+    trained = {name for name, parameter in apt.named_parameters() if parameter.requires_grad}
     assert attention_change(apt, blocks, batch_size=2) == pytest.approx(0.5, abs=1e-6)
+    # measuring without the adapter and back leaves what trains as it was
+    assert {name for name, parameter in apt.named_parameters() if parameter.requires_grad} == trained
