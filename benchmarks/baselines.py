@@ -159,6 +159,13 @@ def set_backbone_trainable(model: nn.Module, mode: Literal["head_only", "full"])
     return model.requires_grad_(mode == "full")
 
 
+# How the reports describe `reference_optimiser`, in one place for every benchmark
+REFERENCE_OPTIMISER_TEXT = (
+    "the authors' AdamW, betas (0.9, 0.98), weight decay 0.01 except on biases and norms, the same warm-up then linear "
+    "decay to 0"
+)
+
+
 def reference_optimiser(named_parameters: dict[str, nn.Parameter], lr: float, steps: int, warmup_steps: int):
     """(optimizer, schedule) of the authors' runs (APT_SPEC.md): AdamW with betas (0.9, 0.98), weight decay 0.01 on
     every tensor whose name has no "bias" or "norm" (APT's P, W1, W2 and s included), linear warm-up then linear decay

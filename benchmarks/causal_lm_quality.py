@@ -36,7 +36,7 @@ from examples.tiny_models import tiny_corpus, tiny_llama, word_tokenizer
 from peft_apt import APTConfig
 from peft_apt import layer as apt_layer
 
-from .baselines import count_trainable_parameters, reference_optimiser
+from .baselines import REFERENCE_OPTIMISER_TEXT, count_trainable_parameters, reference_optimiser
 from .markdown import RESULTS_PATH, best_lr, environment, write_section
 from .plots import plot_metric_vs_lr
 from .prompt_terms import term_state
@@ -327,8 +327,8 @@ def setup_lines(records: list[dict], methods: dict, table: dict, frozen: float, 
         f"Model: {model}. Training data: blocks of {args.block_size} tokens from the Python standard library's "
         f"top-level modules of this Python version, one file in five held out by a hash of its name; "
         f"{args.steps} AdamW steps of {args.batch_size} blocks (no weight decay, 10% warm-up, cosine decay; rows "
-        "named 'reference optimiser': betas (0.9, 0.98), weight decay 0.01 except on biases and norms, 10% warm-up, "
-        "linear decay; 'beta2 0.98': betas (0.9, 0.98), the rest as the others) for every method, the same blocks "
+        f"named 'reference optimiser': {REFERENCE_OPTIMISER_TEXT}; 'beta2 0.98': betas (0.9, 0.98), the rest as the "
+        "others) for every method, the same blocks "
         "for every method and lr, their order set by the seed. "
         "Held-out perplexity on "
         f"{args.eval_blocks} blocks of the held-out modules; lower is better. The frozen model scores "

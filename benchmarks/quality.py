@@ -39,6 +39,7 @@ from peft_apt import APTConfig, APTLayer
 from peft_apt.layer import INITIAL_TERM_RATIO, PARAMETRISATION_VERSION
 
 from .baselines import (
+    REFERENCE_OPTIMISER_TEXT,
     add_deep_prompts,
     count_trainable_parameters,
     lora_config_for,
@@ -553,8 +554,7 @@ def setup_paragraph(model: Dinov2Model, methods: list[str], args: argparse.Names
         f"{warmup}cosine schedule, batch {args.batch_size}, {args.epochs} epochs = {steps} "
         f"steps for every method"
         + (
-            ", except the rows 'reference optimiser': the authors' AdamW, betas (0.9, 0.98), weight decay 0.01 (none "
-            "on biases and norms), the same warm-up then linear decay to 0"
+            f", except the rows 'reference optimiser': {REFERENCE_OPTIMISER_TEXT}"
             if any(METHODS[m].reference_optimiser for m in methods)
             else ""
         )
