@@ -1,5 +1,6 @@
 """Baselines that APT is compared against: VPT-deep, LoRA, linear probing (head only) and full fine-tuning; and the
-authors' optimiser, which the benchmarks' "reference optimiser" rows train APT with.
+authors' optimiser, which the benchmarks' "reference optimiser" rows train APT with, and APT with only some of its
+tensors trained, for the ablation rows.
 
 VPT-deep (Jia et al., 2022) gives every encoder layer its own p learnable prompt tokens: they are inserted into the
 layer's input sequence (after the CLS token) and dropped from its output, so each layer sees fresh prompts. We add them
@@ -17,6 +18,8 @@ import torch
 from peft import LoraConfig
 from torch import nn
 from transformers import get_linear_schedule_with_warmup
+
+from peft_apt import APTLayer
 
 
 def count_trainable_parameters(module: nn.Module) -> int:
@@ -157,6 +160,17 @@ def set_backbone_trainable(model: nn.Module, mode: Literal["head_only", "full"])
     if mode not in ("head_only", "full"):
         raise ValueError(f"mode must be 'head_only' or 'full', got {mode!r}")
     return model.requires_grad_(mode == "full")
+
+
+def train_only(model: nn.Module, tensor_names: Sequence[str]) -> nn.Module:
+    """`model` with only the APT tensors named (e.g. `apt_s`) left trainable; the others keep their init."""
+    unknown = set(tensor_names) - set(APTLayer.adapter_layer_names)
+    if unknown:
+        raise ValueError(f"Unknown APT tensors {sorted(unknown)}: choose from {APTLayer.adapter_layer_names}")
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad and not any(f".{tensor}." in name for tensor in tensor_names):
+            parameter.requires_grad_(False)
+    return model
 
 
 # How the reports describe `reference_optimiser`, in one place for every benchmark

@@ -30,6 +30,7 @@ from peft_apt import APTConfig, APTLayer, approximated_prompt_output
 from peft_apt import layer as apt_layer
 
 from . import causal_lm_quality
+from .baselines import train_only
 from .markdown import environment
 from .prompt_terms import prompt_terms
 
@@ -46,16 +47,9 @@ def use_variant(ratio: float, std_ratio: float, W2_factor: float) -> None:
 
 def training_only(tensor_names: list[str]):
     """Within the block, the benchmark's adapted models train only the APT tensors named (e.g. `apt_s`)."""
-    unknown = set(tensor_names) - set(APTLayer.adapter_layer_names)
-    if unknown:
-        raise ValueError(f"Unknown APT tensors {sorted(unknown)}: choose from {APTLayer.adapter_layer_names}")
 
     def adapted(model, config):
-        peft_model = get_peft_model(model, config)
-        for name, parameter in peft_model.named_parameters():
-            if parameter.requires_grad and not any(f".{tensor}." in name for tensor in tensor_names):
-                parameter.requires_grad_(False)
-        return peft_model
+        return train_only(get_peft_model(model, config), tensor_names)
 
     return mock.patch.object(causal_lm_quality, "get_peft_model", adapted)
 

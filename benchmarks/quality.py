@@ -45,6 +45,7 @@ from .baselines import (
     lora_config_for,
     reference_optimiser,
     set_backbone_trainable,
+    train_only,
 )
 from .markdown import RESULTS_PATH, best_lr, environment, write_section
 from .plots import plot_accuracy_vs_flops
@@ -116,15 +117,8 @@ def _apt_init_ablation(num_prompts, small_W1=False, trained_prompt_std=None, ter
 def _apt_fixed_s(num_prompts):
     """`APTConfig(num_prompts)` with the output scale s kept at its init (0): what the prompt term alone learns. s is
     one number scaling a whole attention output, so each Adam step changes that output by about the learning rate."""
-
-    def attach(tail):
-        model = get_peft_model(tail, APTConfig(num_prompts=num_prompts, r=4))
-        for name, parameter in model.named_parameters():
-            if ".apt_s." in name:
-                parameter.requires_grad_(False)
-        return model
-
-    return attach
+    tensors = [name for name in APTLayer.adapter_layer_names if name != "apt_s"]
+    return lambda tail: train_only(get_peft_model(tail, APTConfig(num_prompts=num_prompts, r=4)), tensors)
 
 
 METHODS = {

@@ -218,6 +218,10 @@ def test_init_ablations_change_only_the_parametrisation():
     # the same draws of W1, divided by sqrt(d)
     torch.testing.assert_close(small_W1.apt_W1["default"] * math.sqrt(HIDDEN), default.apt_W1["default"])
     torch.testing.assert_close(small_W1.prompts("default"), default.prompts("default"))
+    # s kept at its init: every APT tensor but s trains, one number fewer per adapted block
+    apt, fixed_s = (METHODS[m].attach(tiny_dinov2(**DINOV2)) for m in ("APT p=200", "APT p=200 fixed s"))
+    assert count_trainable_parameters(fixed_s) == count_trainable_parameters(apt) - LAYERS
+    assert not any(p.requires_grad for name, p in fixed_s.named_parameters() if ".apt_s." in name)
 
 
 def test_best_lr_is_the_one_the_extra_seeds_went_to():
