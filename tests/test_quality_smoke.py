@@ -1,58 +1,54 @@
-"""Smoke test of benchmarks/quality.py on a random tiny DINOv2: every method trains, the report and plot appear."""
+"""Every benchmark task's experiments run on a tiny model through the runner and write results in the schema."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
-import torch
 
-from benchmarks.quality import METHODS, class_separation, main
-from peft_apt.layer import PARAMETRISATION_VERSION
+from benchmarks import run
 
-
-def test_quality_sweep_runs_end_to_end(tmp_path):
-    results = tmp_path / "RESULTS.md"
-    main(
-        [
-            "--tiny",
-            "--datasets",
-            "digits",
-            "--seeds",
-            "0",
-            "--lrs",
-            "1e-3",
-            "--methods",
-            *METHODS,
-            "--output-dir",
-            str(tmp_path),
-            "--results-md",
-            str(results),
-            "--weight-decay",
-            "0.01",
-        ]
-    )
-    records = [json.loads(line) for line in (tmp_path / "quality-digits.jsonl").read_text().splitlines()]
-    assert sorted(r["method"] for r in records) == sorted(METHODS)
-    assert all(0.0 <= r["accuracy"] <= 1.0 for r in records)
-    assert all(r["setup"]["weight_decay"] == 0.01 and -1 <= r["cosine_to_frozen"] <= 1 for r in records)
-    assert all(r["separation"] > 0 and r["frozen_separation"] > 0 for r in records)
-    head_only = next(r for r in records if r["method"] == "head-only")
-    assert (
-        head_only["cosine_to_frozen"] == pytest.approx(1.0)
-        and head_only["separation"] == head_only["frozen_separation"]
-    )
-    apt = [r for r in records if r["method"].startswith("APT")]
-    assert apt and all(r["apt_parametrisation"] == PARAMETRISATION_VERSION for r in apt)
-    assert all(0 <= r["term_alignment_before"] <= 1 and 0 <= r["term_alignment_after"] <= 1 for r in apt)
-    text = results.read_text()
-    assert "<!-- BEGIN quality -->" in text and "### Every learning rate: digits" in text
-    assert "### What the runs did to the features: digits" in text
-    assert "| default init, p=200 (APTConfig()) |" in text
-    assert "except the rows 'reference optimiser': the authors' AdamW" in text
-    assert (tmp_path / "quality-digits.png").stat().st_size > 0
+TASKS = sorted(path.parent for path in (Path(__file__).parents[1] / "benchmarks" / "tasks").glob("*/default_*.json"))
+RUN_INFO = {"task", "experiment", "dataset", "seed", "created_at", "status", "error", "train_params", "peft_config"}
+TRAIN_INFO = {
+    "metrics", "train_losses", "train_time_s", "peak_memory_bytes", "trainable_params", "adapter_file_bytes",
+    "added_forward_flops",
+}  # fmt: skip
+META_INFO = {"command", "machine", "package_versions"}
 
 
-def test_class_separation_is_between_over_within_class_variance():
-    features = torch.tensor([[0.0, 0.0], [2.0, 0.0], [10.0, 4.0], [12.0, 4.0]])
-    labels = torch.tensor([0, 0, 1, 1])
-    # class means (1, 0) and (11, 4): variance across classes 50 + 8; within each class 2 + 0
-    assert class_separation(features, labels) == pytest.approx(58 / 2)
+def one_experiment_per_method(task: Path) -> list[Path]:
+    return [sorted(method.iterdir())[0] for method in sorted((task / "experiments").iterdir())]
+
+
+@pytest.mark.parametrize("task", TASKS, ids=[task.name for task in TASKS])
+def test_every_method_of_every_task_runs_tiny_and_writes_the_schema(task, tmp_path):
+    copy = tmp_path / task.name
+    copy.mkdir()
+    shutil.copy(task / "default_training_params.json", copy / "default_training_params.json")
+    experiments = []
+    for experiment in one_experiment_per_method(task):
+        target = copy / "experiments" / experiment.parent.name / experiment.name
+        shutil.copytree(experiment, target)
+        experiments.append(target)
+    params = json.loads((task / "default_training_params.json").read_text())
+    dataset = params.get("datasets", [None])[0]
+    argv = [*map(str, experiments), "--tiny", "--seeds", "0", *(["--datasets", dataset] if dataset else [])]
+    run.main(argv)
+    results = sorted((copy / "temporary_results").glob("*.json"))
+    assert len(results) == len(experiments)
+    for path in results:
+        result = json.loads(path.read_text())
+        assert set(result) == {"run_info", "train_info", "meta_info"}
+        assert set(result["run_info"]) == RUN_INFO and result["run_info"]["status"] == "success"
+        assert set(result["train_info"]) == TRAIN_INFO and set(result["meta_info"]) == META_INFO
+        assert result["run_info"]["task"] == task.name and result["run_info"]["train_params"]["tiny"] is True
+        assert len(result["train_info"]["train_losses"]) >= 1 and result["train_info"]["trainable_params"] >= 0
+        has_adapter = (task / "experiments" / result["run_info"]["experiment"] / "adapter_config.json").exists()
+        assert (result["run_info"]["peft_config"] is not None) == has_adapter
+    first_written = results[0].stat().st_mtime_ns
+    for path in results[1:]:
+        path.unlink()
+    run.main(argv)  # resumes: only the deleted runs run again
+    assert sorted((copy / "temporary_results").glob("*.json")) == results
+    assert results[0].stat().st_mtime_ns == first_written

@@ -1,0 +1,103 @@
+"""Result files of the benchmark tasks: one JSON per (experiment, dataset, seed), schema in benchmarks/README.md."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import shlex
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "peft-apt")
+
+
+def machine(device: torch.device | str = "cpu") -> str:
+    """The accelerator, or the CPU and torch's thread count, and the operating system."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    else:
+        name = f"{cpu_name()}, {torch.get_num_threads()} torch threads"
+    return f"{name}; {platform.system()} {platform.release()}"
+
+
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def command_line() -> str:
+    """The command as typed from the repository root (`python -m benchmarks.run ...`)."""
+    main = Path(sys.argv[0])
+    module = ".".join(main.with_suffix("").parts[-2:]) if main.name != "-m" else "?"
+    return shlex.join(["python", "-m", module, *sys.argv[1:]])
+
+
+def result_name(experiment: str, dataset: str | None, seed: int) -> str:
+    """`apt/p200-lr1e-2`, `digits`, 0 -> `apt--p200-lr1e-2--digits--seed0.json`."""
+    parts = [*experiment.split("/"), *([dataset] if dataset else []), f"seed{seed}"]
+    return "--".join(parts) + ".json"
+
+
+def make_result(
+    *,
+    task: str,
+    experiment: str,
+    dataset: str | None,
+    seed: int,
+    train_params: dict,
+    peft_config: dict | None,
+    train_info: dict,
+    meta_info: dict,
+    status: str = "success",
+    error: str | None = None,
+) -> dict:
+    """A result in the suite's schema; `train_info` holds `metrics`, `train_time_s`, `peak_memory_bytes`,
+    `trainable_params`, `adapter_file_bytes`, `added_forward_flops` and `train_losses` (None where not measured)."""
+    return {
+        "run_info": {
+            "task": task,
+            "experiment": experiment,
+            "dataset": dataset,
+            "seed": seed,
+            "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "status": status,
+            "error": error,
+            "train_params": train_params,
+            "peft_config": peft_config,
+        },
+        "train_info": train_info,
+        "meta_info": meta_info,
+    }
+
+
+def current_meta_info(device: torch.device | str = "cpu") -> dict:
+    return {"command": command_line(), "machine": machine(device), "package_versions": package_versions()}
+
+
+def write_result(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1, sort_keys=False) + "\n")
+
+
+def read_results(task_dir: Path, folder: str = "results") -> list[dict]:
+    """Every result of a task, in file-name order."""
+    return [json.loads(path.read_text()) for path in sorted((task_dir / folder).glob("*.json"))]

@@ -1,0 +1,114 @@
+"""Run benchmark experiments: `python -m benchmarks.run benchmarks/tasks/<task>/experiments/<method>/<name> [...]`.
+
+An experiment's training parameters are its task's `default_training_params.json` updated by its own optional
+`training_params.json`; its PEFT config is its `adapter_config.json` (experiments without one are baselines such as
+head-only training). The task's trainer (`trainer` in the parameters: a module of this package) trains once per
+dataset and seed and the runner writes one result JSON per run into the task's `results/`, skipping runs already
+there, so an interrupted sweep resumes where it stopped. `--tiny` runs on a tiny random model into
+`temporary_results/` (a smoke test); failed runs go there too, with their error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from peft import PeftConfig, PeftModel
+
+import peft_apt  # noqa: F401  (registers APT with PEFT, so that its adapter_config.json loads)
+
+from .records import current_meta_info, make_result, result_name, write_result
+
+
+def experiment_parts(experiment_dir: Path) -> tuple[Path, str]:
+    """(task folder, experiment name) of `<task>/experiments/<method>/<name>`."""
+    experiment_dir = experiment_dir.resolve()
+    if experiment_dir.parent.parent.name != "experiments":
+        raise ValueError(f"{experiment_dir} is not a folder <task>/experiments/<method>/<name>")
+    return experiment_dir.parents[2], f"{experiment_dir.parent.name}/{experiment_dir.name}"
+
+
+def load_experiment(experiment_dir: Path) -> tuple[dict, PeftConfig | None]:
+    """(merged training parameters, PEFT config or None)."""
+    task_dir, _ = experiment_parts(experiment_dir)
+    params = json.loads((task_dir / "default_training_params.json").read_text())
+    own = experiment_dir / "training_params.json"
+    if own.exists():
+        params.update(json.loads(own.read_text()))
+    config_path = experiment_dir / "adapter_config.json"
+    return params, PeftConfig.from_pretrained(str(experiment_dir)) if config_path.exists() else None
+
+
+def adapter_file_bytes(model) -> int | None:
+    """The size of the saved adapter (safetensors) of a PEFT model; None for other models."""
+    if not isinstance(model, PeftModel):
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        return sum(path.stat().st_size for path in Path(folder).rglob("*.safetensors"))
+
+
+def run_once(trainer, params: dict, peft_config: PeftConfig | None, seed: int) -> dict:
+    """The trainer's run with the runner's measurements: adapter size and peak accelerator memory."""
+    on_cuda = str(params.get("device", "cpu")).startswith("cuda")
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    outcome = trainer.run(params, peft_config, seed)
+    outcome.setdefault("train_time_s", round(time.perf_counter() - start, 2))
+    outcome["peak_memory_bytes"] = torch.cuda.max_memory_allocated() if on_cuda else None
+    outcome["adapter_file_bytes"] = adapter_file_bytes(outcome.pop("model", None))
+    return outcome
+
+
+def run_experiment(experiment_dir: Path, seeds: list[int] | None, datasets: list[str] | None, tiny: bool) -> None:
+    task_dir, experiment = experiment_parts(experiment_dir)
+    params, peft_config = load_experiment(experiment_dir)
+    trainer = importlib.import_module(f"benchmarks.{params['trainer']}")
+    folder = task_dir / ("temporary_results" if tiny else "results")
+    for dataset in datasets or params.get("datasets") or [None]:
+        for seed in seeds or params["seeds"]:
+            path = folder / result_name(experiment, dataset, seed)
+            if path.exists():
+                continue
+            run_params = {**params, "dataset": dataset, "tiny": tiny}
+            run_params.pop("datasets", None)
+            run_params.pop("seeds", None)
+            config = json.loads(json.dumps(peft_config.to_dict(), default=sorted)) if peft_config else None
+            info = dict(task=task_dir.name, experiment=experiment, dataset=dataset, seed=seed)
+            info.update(
+                train_params=run_params, peft_config=config, meta_info=current_meta_info(params.get("device", "cpu"))
+            )
+            try:
+                outcome = run_once(trainer, run_params, peft_config and PeftConfig.from_peft_type(**config), seed)
+            except Exception:
+                write_result(
+                    task_dir / "temporary_results" / path.name,
+                    make_result(**info, train_info={}, status="failed", error=traceback.format_exc()),
+                )
+                raise
+            write_result(path, make_result(**info, train_info=outcome))
+            print(f"{task_dir.name} {experiment} {dataset or ''} seed {seed}: {outcome['metrics']}", flush=True)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("experiments", nargs="+", type=Path, help="experiment folders, run in this order")
+    parser.add_argument("--seeds", nargs="+", type=int, help="default: the task's `seeds`")
+    parser.add_argument("--datasets", nargs="+", help="default: the task's `datasets`")
+    parser.add_argument("--tiny", action="store_true", help="a tiny random model, results in temporary_results/")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
+    for experiment_dir in args.experiments:
+        run_experiment(experiment_dir, args.seeds, args.datasets, args.tiny)
+
+
+if __name__ == "__main__":
+    main()
