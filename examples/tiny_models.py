@@ -10,12 +10,16 @@ import random
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
+    BitImageProcessorPil,
     CLIPTextConfig,
     CLIPTextModel,
     Dinov2Config,
     Dinov2Model,
     LlamaConfig,
     LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
     PreTrainedTokenizerFast,
 )
 
@@ -124,3 +128,74 @@ def tiny_stable_diffusion(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> 
         steps_offset=1,
     )
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
+
+
+# A chat template in the shape of LLaVA-1.5's: "user: <image> what is the red shape? assistant: circle<eos>".
+TINY_LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}:"
+    "{% for part in message['content'] %} {{ '<image>' if part['type'] == 'image' else part['text'] }}{% endfor %}"
+    "{% if message['role'] == 'assistant' %}<eos>{% endif %} {% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+TINY_LLAVA_IMAGE_SIZE = 56  # 4x4 patches of 14 px: 16 image tokens
+
+
+def tiny_llava_processor(texts: list[str]) -> LlavaProcessor:
+    """A LLaVA processor built locally: a word-level tokenizer over `texts` and the chat template's words, an `<image>`
+    token, and DINOv2's image processing at the tiny vision tower's size."""
+    tokenizer = word_tokenizer([*texts, "user: assistant:"], model_max_length=128)
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    image_processor = BitImageProcessorPil(
+        size={"height": TINY_LLAVA_IMAGE_SIZE, "width": TINY_LLAVA_IMAGE_SIZE},
+        do_center_crop=False,
+        do_convert_rgb=True,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",  # drops DINOv2's CLS token
+        num_additional_image_tokens=1,
+        chat_template=TINY_LLAVA_CHAT_TEMPLATE,
+    )
+
+
+def tiny_llava(processor: LlavaProcessor, seed: int = 0) -> LlavaForConditionalGeneration:
+    """A random LLaVA of a 2-block DINOv2 (width 32) and a 2-layer Llama (width 64), for `tiny_llava_processor`."""
+    torch.manual_seed(seed)
+    tokenizer = processor.tokenizer
+    vision_config = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=TINY_LLAVA_IMAGE_SIZE,
+        patch_size=14,
+        use_mask_token=False,
+    )
+    text_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=tokenizer.model_max_length,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=processor.image_token_id,
+        image_seq_length=(TINY_LLAVA_IMAGE_SIZE // 14) ** 2,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model.eval()

@@ -52,15 +52,18 @@ def easy_vqa_records(split: str) -> list[dict]:
     ]
 
 
-def sample_records(split: str, limit: int | None = None, seed: int = 0) -> list[dict]:
-    """`limit` questions of a split drawn at random (all of them without a limit), kept in the package's order."""
-    records = easy_vqa_records(split)
+def subsample(records: list[dict], limit: int | None = None, seed: int = 0) -> list[dict]:
+    """`limit` of the records drawn at random (all of them without a limit), kept in their order."""
     if limit is None or limit >= len(records):
         return records
     if limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
-    chosen = sorted(random.Random(seed).sample(range(len(records)), limit))
-    return [records[index] for index in chosen]
+    return [records[index] for index in sorted(random.Random(seed).sample(range(len(records)), limit))]
+
+
+def sample_records(split: str, limit: int | None = None, seed: int = 0) -> list[dict]:
+    """`limit` questions of a split drawn at random (all of them without a limit), kept in the package's order."""
+    return subsample(easy_vqa_records(split), limit, seed)
 
 
 def write_easy_vqa_jsonl(split: str, path: str | Path, limit: int | None = None, seed: int = 0) -> Path:
