@@ -15,7 +15,7 @@ IMAGE_TOKENS = (llava.IMAGE_SIZE // 14) ** 2 + 1  # DINOv2's patches and its CLS
 
 @pytest.fixture
 def towers():
-    tokenizer = word_tokenizer([WORDS])
+    tokenizer = word_tokenizer([WORDS, "user assistant"], model_max_length=128)
     tokenizer.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
     tokenizer.eos_token = "<|im_end|>"
     return tiny_dinov2(), tiny_llama(tokenizer), tokenizer

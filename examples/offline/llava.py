@@ -119,6 +119,17 @@ def build_llava(
     return model.eval(), processor
 
 
+def build_tiny_llava(texts: list[str], seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """`build_llava` on tiny random towers (a 3-block DINOv2 of width 32, a 2-layer Llama of width 64) and a word-level
+    tokenizer over `texts` with ChatML's tokens: the same model class, processor and chat template, in seconds."""
+    from examples.tiny_models import tiny_dinov2, tiny_llama, word_tokenizer
+
+    tokenizer = word_tokenizer([*texts, "user assistant"], model_max_length=128)
+    tokenizer.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    tokenizer.eos_token = "<|im_end|>"
+    return build_llava(tiny_dinov2(seed), tiny_llama(tokenizer, seed), tokenizer, seed=seed)
+
+
 def load_rgb(path: str | Path) -> Image.Image:
     """An image as RGB on a white square: transparent stamps are composited on white, then padded to a square."""
     image = Image.open(path).convert("RGBA")

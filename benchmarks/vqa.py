@@ -1,0 +1,229 @@
+"""Visual question answering on a real vision-language model: the trainer of the `vqa-*` tasks.
+
+The model is the aligned LLaVA of `examples.offline.llava` (DINOv2-S, SmolLM2-135M, a LLaVA-1.5 projector aligned on
+captions), loaded from the same folder by every run. Each method fine-tunes it on easy-VQA training questions and is
+scored by exact match of its greedy answer on a fixed sample of easy-VQA's test split (other images), overall and per
+question type. The projector trains in every method, at `projector_lr` (at `lr` for the head-only baseline, where it
+is all that trains). Every method gets the same recipe: AdamW, linear warm-up over `warmup_ratio` of the steps then
+cosine decay, the same training questions in the same order for a seed.
+
+Besides accuracy, a run records its cost: trainable parameters, added forward FLOPs per sample (image tokens included,
+from PyTorch's FLOP counter), peak memory of training on top of the loaded model (the process's peak resident set),
+and training-step and inference times relative to the frozen model, measured interleaved in the same process.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from peft import PeftConfig, get_peft_model
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoModelForImageTextToText, AutoProcessor, get_cosine_schedule_with_warmup
+
+from examples.offline.easy_vqa import QUESTION_TYPES, sample_records
+from examples.offline.llava import answer_batch, answer_loss, build_tiny_llava, generate_answers
+
+from .baselines import count_trainable_parameters
+
+METRIC = "accuracy"
+HIGHER_IS_BETTER = True
+METRIC_SCALE, METRIC_DIGITS = 100, 1
+TINY = dict(n_train=8, n_test=6, steps=2, batch_size=2, eval_batch_size=3, time_repeats=1)
+PROJECTOR = "multi_modal_projector"
+_TRAINED_IN_THIS_PROCESS = False
+
+
+@functools.cache
+def load_model(tiny: bool):
+    """(aligned model, processor); tiny: a random tiny LLaVA whose vocabulary covers easy-VQA's questions."""
+    if tiny:
+        texts = [f"{r['question']} {r['answer']}" for split in ("train", "test") for r in sample_records(split, 50)]
+        return build_tiny_llava(texts)
+    from examples.offline.llava import aligned_llava_path
+
+    path = aligned_llava_path()
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval(), AutoProcessor.from_pretrained(
+        path
+    )
+
+
+@functools.cache
+def load_image(path: str) -> Image.Image:
+    return Image.open(path).convert("RGB")
+
+
+def attach(model, params: dict, peft_config: PeftConfig | None):
+    """The method's parameters trainable, and the projector's: a PEFT adapter or a `baseline` (head-only, full)."""
+    model.requires_grad_(False)
+    baseline = params.get("baseline")
+    if peft_config is not None:
+        model = get_peft_model(model, peft_config)
+    elif baseline == "full":
+        model.model.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+    elif baseline != "head-only":
+        raise ValueError(
+            f"An experiment without adapter_config.json needs `baseline`: head-only or full, got {baseline!r}"
+        )
+    projector = [module for name, module in model.named_modules() if name.endswith(PROJECTOR)]
+    if len(projector) != 1:
+        raise ValueError(f"Expected one {PROJECTOR} in the model, found {len(projector)}")
+    projector[0].requires_grad_(True)
+    return model
+
+
+def optimiser(model, params: dict, steps: int):
+    """AdamW with the projector at `projector_lr` (at `lr` for head-only), warm-up then cosine decay."""
+    projector_lr = params["lr"] if params.get("baseline") == "head-only" else params["projector_lr"]
+    groups = {"method": [], "projector": []}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            groups["projector" if f"{PROJECTOR}." in name else "method"].append(parameter)
+    optimizer = torch.optim.AdamW(
+        [{"params": groups["method"], "lr": params["lr"]}, {"params": groups["projector"], "lr": projector_lr}],
+        weight_decay=params.get("weight_decay", 0.0),
+    )
+    warmup = math.ceil(params["warmup_ratio"] * steps)
+    return optimizer, get_cosine_schedule_with_warmup(optimizer, warmup, steps)
+
+
+def to_batch(processor, records: list[dict]) -> dict:
+    images = [load_image(record["image"]) for record in records]
+    return answer_batch(processor, images, [r["question"] for r in records], [r["answer"] for r in records])
+
+
+def normalise(answer: str) -> str:
+    return answer.strip().lower().rstrip(".")
+
+
+def evaluate(model, processor, records: list[dict], batch_size: int) -> dict:
+    """Exact match of the greedy answers, overall and per question type (`accuracy_yes/no`, ...)."""
+    model.eval()
+    correct = []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        images = [load_image(record["image"]) for record in chunk]
+        answers = generate_answers(model, processor, images, [r["question"] for r in chunk])
+        correct += [normalise(answer) == record["answer"] for answer, record in zip(answers, chunk)]
+    metrics = {"accuracy": sum(correct) / len(correct)}
+    for kind in QUESTION_TYPES:
+        hits = [hit for hit, record in zip(correct, records) if record["question_type"] == kind]
+        metrics[f"accuracy_{kind}"] = sum(hits) / len(hits) if hits else None
+    return metrics
+
+
+def forward_flops(model, batch: dict) -> int:
+    """FLOPs of one forward pass of `batch`, image tower and every token included."""
+    inputs = {name: value for name, value in batch.items() if name != "labels"}
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(**inputs)
+    return counter.get_total_flops()
+
+
+def relative_times(frozen, adapted, params: dict, batch: dict, repeats: int) -> dict:
+    """Median training-step and inference times of `adapted` over the frozen model's (only its projector trains),
+    the two measured alternately in this process so that both see the same machine load."""
+    times = {key: [] for key in ("frozen_step", "step", "frozen_inference", "inference")}
+
+    def timed(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    def step(model, optimizer):
+        model.train()
+        answer_loss(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def infer(model):
+        model.eval()
+        with torch.no_grad():
+            model(**{name: value for name, value in batch.items() if name != "labels"})
+
+    optimizers = {id(m): optimiser(m, params, 10)[0] for m in (frozen, adapted)}
+    for _ in range(repeats + 1):  # the first round warms up
+        for prefix, model in (("frozen_", frozen), ("", adapted)):
+            times[f"{prefix}step"].append(timed(lambda: step(model, optimizers[id(model)])))
+            times[f"{prefix}inference"].append(timed(lambda: infer(model)))
+    median = {key: statistics.median(values[1:]) for key, values in times.items()}
+    return {
+        "step_time_ratio": median["step"] / median["frozen_step"],
+        "inference_time_ratio": median["inference"] / median["frozen_inference"],
+    }
+
+
+def peak_rss_bytes() -> int | None:
+    """The process's peak resident set size since `reset_peak_rss` (Linux), else None."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return None
+    line = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def reset_peak_rss() -> int | None:
+    """Reset the peak resident set size to the current one and return it (Linux: /proc/self/clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return peak_rss_bytes()
+
+
+def run(params: dict, peft_config: PeftConfig | None, seed: int) -> dict:
+    params = {**params, **(TINY if params.get("tiny") else {})}
+    base, processor = load_model(bool(params.get("tiny")))
+    train = sample_records("train", params["n_train"], seed=params["data_seed"])
+    test = sample_records("test", params["n_test"], seed=params["data_seed"])
+    torch.manual_seed(seed)
+    model = attach(copy.deepcopy(base), params, peft_config)
+    steps, batch_size = params["steps"], params["batch_size"]
+    optimizer, schedule = optimiser(model, params, steps)
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.cat(
+        [torch.randperm(len(train), generator=generator) for _ in range(math.ceil(steps * batch_size / len(train)))]
+    )
+    probe = to_batch(processor, test[: params["batch_size"]])
+    one_sample = to_batch(processor, test[:1])  # unpadded
+    added_flops = forward_flops(model, one_sample) - forward_flops(base, one_sample)
+
+    memory_before, losses = reset_peak_rss(), []
+    start = time.perf_counter()
+    model.train()
+    for step in range(steps):
+        batch = to_batch(processor, [train[int(i)] for i in order[step * batch_size : (step + 1) * batch_size]])
+        loss = answer_loss(model, batch)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    seconds = time.perf_counter() - start
+    # Freed memory stays with the process, so only a process's first training shows its peak above the loaded model.
+    global _TRAINED_IN_THIS_PROCESS
+    train_memory = None if memory_before is None or _TRAINED_IN_THIS_PROCESS else peak_rss_bytes() - memory_before
+    _TRAINED_IN_THIS_PROCESS = True
+
+    metrics = evaluate(model, processor, test, params["eval_batch_size"])
+    metrics["final_train_loss"] = statistics.mean(losses[-max(1, steps // 10) :])
+    metrics["projector_params"] = sum(p.numel() for n, p in model.named_parameters() if f"{PROJECTOR}." in n)
+    metrics["peak_train_rss_bytes"] = train_memory  # on top of the loaded model and data
+    if params.get("time_repeats") and seed == params.get("time_seed", 0):
+        frozen = attach(copy.deepcopy(base), {**params, "baseline": "head-only"}, None)
+        metrics.update(relative_times(frozen, model, params, probe, params["time_repeats"]))
+    return {
+        "metrics": metrics,
+        "train_losses": losses,
+        "trainable_params": count_trainable_parameters(model),
+        "train_time_s": round(seconds, 2),
+        "added_forward_flops": added_flops,
+        "model": model,
+    }
