@@ -126,17 +126,17 @@ def load_records(args: VLMArguments, seed: int) -> tuple[list[dict], list[dict]]
     return load(args.train_file, "train", args.max_train_samples), load(args.eval_file, "test", args.max_eval_samples)
 
 
-def load_model_and_processor(args: VLMArguments, seed: int):
+def load_model_and_processor(args: VLMArguments, training_args: TrainingArguments):
     """(model, processor): the tiny random LLaVA, rebuilt identically from the seed, or the pretrained model."""
     if args.tiny:
         records = easy_vqa_records("train") + easy_vqa_records("test")
-        texts = [f"{record['question']} {record['answer']}" for record in records]
-        processor = tiny_llava_processor(texts)
-        return tiny_llava(processor, seed), processor
+        processor = tiny_llava_processor([f"{record['question']} {record['answer']}" for record in records])
+        return tiny_llava(processor, training_args.seed), processor
     processor = AutoProcessor.from_pretrained(args.model_name_or_path)
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
-    return AutoModelForImageTextToText.from_pretrained(args.model_name_or_path), processor
+    dtype = torch.bfloat16 if training_args.bf16 else torch.float32
+    return AutoModelForImageTextToText.from_pretrained(args.model_name_or_path, dtype=dtype), processor
 
 
 def user_turn(question: str) -> list[dict]:
@@ -298,7 +298,7 @@ def main(argv=None) -> dict[str, dict[str, float]]:
     args, training_args = parse_args(argv)
     set_seed(training_args.seed)
     train_records, eval_records = load_records(args, training_args.seed)
-    model, processor = load_model_and_processor(args, training_args.seed)
+    model, processor = load_model_and_processor(args, training_args)
 
     def evaluate(model) -> dict[str, float]:
         predictions = generate_answers(
@@ -322,7 +322,7 @@ def main(argv=None) -> dict[str, dict[str, float]]:
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     del trainer, model
 
-    base, _ = load_model_and_processor(args, training_args.seed)
+    base, _ = load_model_and_processor(args, training_args)
     results["reloaded"] = evaluate(PeftModel.from_pretrained(base, training_args.output_dir))
     if main_process:
         print(f"training loss: first logged {losses[0]:.4f}, last logged {losses[-1]:.4f}")

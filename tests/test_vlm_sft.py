@@ -6,6 +6,7 @@ import io
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -46,7 +47,7 @@ def skip_without(trainer: str) -> None:
 @pytest.fixture(scope="module")
 def tiny():
     args, training_args = vlm_sft.parse_args(["--tiny", "--output_dir", "unused"])
-    model, processor = vlm_sft.load_model_and_processor(args, seed=0)
+    model, processor = vlm_sft.load_model_and_processor(args, training_args)
     return model, processor
 
 
@@ -116,28 +117,45 @@ def test_exact_match_accuracy_on_a_hand_made_case():
         vlm_sft.exact_match_accuracy(records[:1], predictions[:2])
 
 
-@pytest.fixture(scope="module", params=TRAINERS)
-def trained(request, tmp_path_factory, records):
-    """The example's own steps, one trainer each: base weights kept, trained, saved, reloaded into a fresh base."""
-    skip_without(request.param)
-    output_dir = tmp_path_factory.mktemp(request.param)
-    args, training_args = vlm_sft.parse_args([*TINY_RUN, "--trainer", request.param, "--output_dir", str(output_dir)])
-    train_records, _ = vlm_sft.load_records(args, training_args.seed)
-    model, processor = vlm_sft.load_model_and_processor(args, training_args.seed)
-    base_before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    trainer = vlm_sft.build_trainer(args, training_args, model, processor, train_records)
-    adapter_before = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
-    with contextlib.redirect_stdout(io.StringIO()):
-        trainer.train()
-    trainer.save_model(output_dir)
-    base, _ = vlm_sft.load_model_and_processor(args, training_args.seed)
-    reloaded = PeftModel.from_pretrained(base, output_dir)
-    return trainer, processor, base_before, adapter_before, reloaded, output_dir
+@pytest.fixture(scope="module")
+def train_tiny(tmp_path_factory):
+    """The example's own steps with one trainer: base weights kept, trained, saved, reloaded into a fresh base. Each
+    trainer runs once per module."""
+    runs = {}
+
+    def train(trainer_name: str) -> SimpleNamespace:
+        skip_without(trainer_name)
+        if trainer_name not in runs:
+            output_dir = tmp_path_factory.mktemp(trainer_name)
+            argv = [*TINY_RUN, "--trainer", trainer_name, "--output_dir", str(output_dir)]
+            args, training_args = vlm_sft.parse_args(argv)
+            train_records, _ = vlm_sft.load_records(args, training_args.seed)
+            model, processor = vlm_sft.load_model_and_processor(args, training_args)
+            base_before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+            trainer = vlm_sft.build_trainer(args, training_args, model, processor, train_records)
+            trainable = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+            with contextlib.redirect_stdout(io.StringIO()):
+                trainer.train()
+            trainer.save_model(output_dir)
+            base, _ = vlm_sft.load_model_and_processor(args, training_args)
+            runs[trainer_name] = SimpleNamespace(
+                model=trainer.model,
+                losses=[entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+                processor=processor,
+                base_before=base_before,
+                trainable_before=trainable,
+                reloaded=PeftModel.from_pretrained(base, output_dir),
+                output_dir=output_dir,
+            )
+        return runs[trainer_name]
+
+    return train
 
 
-def test_training_changes_only_the_apt_tensors(trained):
-    trainer, _, base_before, adapter_before, _, output_dir = trained
-    model = trainer.model
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_training_changes_only_the_apt_tensors(train_tiny, trainer):
+    run = train_tiny(trainer)
+    model, base_before, adapter_before = run.model, run.base_before, run.trainable_before
     base_after = {
         name.replace(".base_layer", ""): tensor for name, tensor in model.get_base_model().state_dict().items()
     }
@@ -149,15 +167,17 @@ def test_training_changes_only_the_apt_tensors(trained):
     assert len(trainable) == len(adapter_before) == 8
     assert all(".language_model.layers." in name and ".self_attn.apt_" in name for name in trainable)
     assert all(not torch.equal(trainable[name], tensor) for name, tensor in adapter_before.items())
-    saved = load_file(output_dir / "adapter_model.safetensors")
+    saved = load_file(run.output_dir / "adapter_model.safetensors")
     assert len(saved) == 8 and all(".self_attn.apt_" in key for key in saved)
 
 
-def test_saved_adapter_reloads_to_identical_logits_and_answers(trained, records):
-    trainer, processor, _, _, reloaded, _ = trained
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_saved_adapter_reloads_to_identical_logits_and_answers(train_tiny, trainer, records):
+    run = train_tiny(trainer)
+    processor, reloaded = run.processor, run.reloaded
     batch = vlm_sft.AnswerOnlyCollator(processor)(records)
     inputs = {key: value for key, value in batch.items() if key != "labels"}
-    trained_model = trainer.model.eval()
+    trained_model = run.model.eval()
     with torch.no_grad():
         trained_logits = trained_model(**inputs).logits
         assert torch.equal(reloaded.eval()(**inputs).logits, trained_logits)
@@ -166,6 +186,16 @@ def test_saved_adapter_reloads_to_identical_logits_and_answers(trained, records)
     assert not torch.allclose(base_logits, trained_logits)  # the adapter matters
     answers = [vlm_sft.generate_answers(model, processor, records, 4, 4) for model in (trained_model, reloaded)]
     assert answers[0] == answers[1]
+
+
+def test_trainer_and_sft_trainer_train_the_same_adapter(train_tiny):
+    """Same batches, same mask, same seeded adapter: TRL's fused loss and Trainer's give the same training run."""
+    trainer_run, trl_run = train_tiny("transformers"), train_tiny("trl")
+    assert trl_run.losses == pytest.approx(trainer_run.losses, rel=1e-5) and len(trl_run.losses) == 3
+    adapters = [load_file(run.output_dir / "adapter_model.safetensors") for run in (trainer_run, trl_run)]
+    assert adapters[0].keys() == adapters[1].keys()
+    for key in adapters[0]:
+        torch.testing.assert_close(adapters[1][key], adapters[0][key], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("trainer", TRAINERS)
@@ -187,7 +217,7 @@ def test_tiny_run_reports_accuracy_before_after_and_reloaded(trainer, tmp_path):
     # the reported accuracy, recounted from the reloaded adapter's answers
     args, training_args = vlm_sft.parse_args([*TINY_RUN, "--output_dir", str(tmp_path)])
     _, eval_records = vlm_sft.load_records(args, training_args.seed)
-    base, processor = vlm_sft.load_model_and_processor(args, training_args.seed)
+    base, processor = vlm_sft.load_model_and_processor(args, training_args)
     answers = vlm_sft.generate_answers(PeftModel.from_pretrained(base, tmp_path), processor, eval_records, 16, 8)
     hits = sum(answer.strip() == record["answer"] for answer, record in zip(answers, eval_records))
     assert results["reloaded"]["all"] == hits / len(eval_records)
