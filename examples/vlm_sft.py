@@ -102,13 +102,16 @@ def parse_args(argv=None) -> tuple[VLMArguments, TrainingArguments]:
 
 
 def read_records(path: str) -> list[dict]:
-    """Questions from JSON lines; image paths relative to the file's folder become absolute."""
+    """Questions from JSON lines; relative image paths are read from the file's folder."""
     records = []
     with open(path, encoding="utf-8") as file:
         for number, line in enumerate(file, 1):
             if not line.strip():
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {number}: not a JSON object ({error})") from None
             missing = [key for key in ("image", "question", "answer") if key not in record]
             if missing:
                 raise ValueError(f"{path}, line {number}: missing field(s) {missing}")

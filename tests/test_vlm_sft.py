@@ -3,6 +3,7 @@ with an APT config, exact-match accuracy, and the saved adapter's round trip. Of
 
 import contextlib
 import io
+import json
 import re
 import sys
 from pathlib import Path
@@ -99,6 +100,19 @@ def test_collator_matches_trl(tiny, records):
     assert set(theirs) == set(ours)
     for key in ours:
         assert torch.equal(theirs[key], ours[key]), key
+
+
+def test_read_records_reads_images_beside_the_file_and_names_what_is_missing(tmp_path):
+    lines = [
+        {"image": "images/0.png", "question": "what color is the shape?", "answer": "red"},
+        {"image": "/data/1.png", "question": "is there a circle?", "answer": "no", "question_type": "yes/no"},
+    ]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n\n")
+    records = vlm_sft.read_records(str(tmp_path / "train.jsonl"))
+    assert records == [{**lines[0], "image": str(tmp_path / "images/0.png")}, lines[1]]
+    (tmp_path / "bad.jsonl").write_text(json.dumps(lines[0]) + "\n" + json.dumps({"image": "x.png"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl, line 2: missing field\(s\) \['question', 'answer'\]"):
+        vlm_sft.read_records(str(tmp_path / "bad.jsonl"))
 
 
 def test_exact_match_accuracy_on_a_hand_made_case():
