@@ -194,7 +194,9 @@ class AnswerOnlyCollator:
         batch = dict(prompts)  # pixel_values and whatever else the processor makes of the images
         # Fields with one value per token (token_type_ids, mm_token_type_ids) are joined like the tokens; completion
         # tokens are text, type 0 where the processor gives none.
-        per_token = [key for key, value in prompts.items() if value.shape == prompts["input_ids"].shape]
+        per_token = [
+            key for key, value in prompts.items() if getattr(value, "shape", None) == prompts["input_ids"].shape
+        ]
         completions["labels"] = completions["input_ids"]
         prompts["labels"] = torch.full_like(prompts["input_ids"], -100)
         padding = {"input_ids": processor.tokenizer.pad_token_id, "labels": -100}
