@@ -2,14 +2,15 @@
 
 The model is the aligned LLaVA of `examples.offline.llava` (DINOv2-S, SmolLM2-135M, a LLaVA-1.5 projector aligned on
 captions), loaded from the same folder by every run. Each method fine-tunes it on easy-VQA training questions and is
-scored by exact match of its greedy answer on a fixed sample of easy-VQA's test split (other images), overall and per
-question type. The projector trains in every method, at `projector_lr` (at `lr` for the head-only baseline, where it
-is all that trains). Every method gets the same recipe: AdamW, linear warm-up over `warmup_ratio` of the steps then
-cosine decay, the same training questions in the same order for a seed.
+scored by exact match of its greedy answer on a fixed sample of easy-VQA's test split (other images) with as many
+questions of each type (yes/no, shape, colour), overall and per type. The projector trains in every method, at
+`projector_lr` (at `lr` for the head-only baseline, where it is all that trains). Every method gets the same recipe:
+AdamW, linear warm-up over `warmup_ratio` of the steps then cosine decay, the same questions in the same order.
 
 Besides accuracy, a run records its cost: trainable parameters, added forward FLOPs per sample (image tokens included,
-from PyTorch's FLOP counter), peak memory of training on top of the loaded model (the process's peak resident set),
-and training-step and inference times relative to the frozen model, measured interleaved in the same process.
+from PyTorch's FLOP counter), the peak memory of training above the loaded model (the process's peak resident set, in
+the first run of a process), and training-step and inference times relative to the frozen model (its projector
+alone trained), the two measured alternately in the same process.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForImageTextToText, AutoProcessor, get_cosine_schedule_with_warmup
 
-from examples.offline.easy_vqa import QUESTION_TYPES, sample_records
+from examples.offline.easy_vqa import QUESTION_TYPES, easy_vqa_records, sample_records, subsample
 from examples.offline.llava import answer_batch, answer_loss, build_tiny_llava, generate_answers
 
 from .baselines import count_trainable_parameters
@@ -35,7 +36,7 @@ from .baselines import count_trainable_parameters
 METRIC = "accuracy"
 HIGHER_IS_BETTER = True
 METRIC_SCALE, METRIC_DIGITS = 100, 1
-TINY = dict(n_train=8, n_test=6, steps=2, batch_size=2, eval_batch_size=3, time_repeats=1)
+TINY = dict(n_train=8, n_test_per_type=2, steps=2, batch_size=2, eval_batch_size=3, time_repeats=1)
 PROJECTOR = "multi_modal_projector"
 _TRAINED_IN_THIS_PROCESS = False
 
@@ -92,6 +93,18 @@ def optimiser(model, params: dict, steps: int):
     )
     warmup = math.ceil(params["warmup_ratio"] * steps)
     return optimizer, get_cosine_schedule_with_warmup(optimizer, warmup, steps)
+
+
+@functools.cache
+def balanced_test_questions(per_type: int, seed: int) -> list[dict]:
+    """`per_type` test questions of each type: the split is three quarters yes/no, which would hide what the model
+    sees of shapes and colours."""
+    records = easy_vqa_records("test")
+    return [
+        r
+        for kind in QUESTION_TYPES
+        for r in subsample([r for r in records if r["question_type"] == kind], per_type, seed)
+    ]
 
 
 def to_batch(processor, records: list[dict]) -> dict:
@@ -182,7 +195,7 @@ def run(params: dict, peft_config: PeftConfig | None, seed: int) -> dict:
     params = {**params, **(TINY if params.get("tiny") else {})}
     base, processor = load_model(bool(params.get("tiny")))
     train = sample_records("train", params["n_train"], seed=params["data_seed"])
-    test = sample_records("test", params["n_test"], seed=params["data_seed"])
+    test = balanced_test_questions(params["n_test_per_type"], params["data_seed"])
     torch.manual_seed(seed)
     model = attach(copy.deepcopy(base), params, peft_config)
     steps, batch_size = params["steps"], params["batch_size"]

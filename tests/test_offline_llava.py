@@ -75,7 +75,7 @@ def test_alignment_trains_the_projector_alone_and_the_folder_reloads(towers, tmp
         image.save(tmp_path / f"{index}.png")
     pairs = [(tmp_path / f"{index}.png", "a red frog." if index % 2 else "a blue frog.") for index in range(6)]
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    recipe = llava.ALIGNMENT_RECIPE | {"epochs": 2, "batch_size": 2, "held_out": 2}
+    recipe = llava.ALIGNMENT_RECIPE | {"steps": 4, "batch_size": 2, "held_out": 2}
     figures = llava.align_projector(model, processor, pairs, recipe, log=lambda message: None)
 
     changed = {name for name, tensor in model.state_dict().items() if not torch.equal(tensor, before[name])}
