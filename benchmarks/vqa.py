@@ -38,6 +38,7 @@ HIGHER_IS_BETTER = True
 METRIC_SCALE, METRIC_DIGITS = 100, 1
 TINY = dict(n_train=8, n_test_per_type=2, steps=2, batch_size=2, eval_batch_size=3, time_repeats=1)
 PROJECTOR = "multi_modal_projector"
+APT_TARGETS = r".*language_model.*\.self_attn"  # as the experiments' adapter_config.json
 _TRAINED_IN_THIS_PROCESS = False
 
 
@@ -133,10 +134,16 @@ def evaluate(model, processor, records: list[dict], batch_size: int) -> dict:
 
 
 def forward_flops(model, batch: dict) -> int:
-    """FLOPs of one forward pass of `batch`, image tower and every token included."""
+    """FLOPs of one forward pass of `batch`, image tower and every token included. Attention runs eagerly while
+    counting: PyTorch's counter has no formula for fused CPU attention, which would leave the prompts' keys out."""
     inputs = {name: value for name, value in batch.items() if name != "labels"}
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(**inputs)
+    implementation = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(**inputs)
+    finally:
+        model.set_attn_implementation(implementation)
     return counter.get_total_flops()
 
 
@@ -240,3 +247,52 @@ def run(params: dict, peft_config: PeftConfig | None, seed: int) -> dict:
         "added_forward_flops": added_flops,
         "model": model,
     }
+
+
+def added_flops_by_prompts(model, processor, prompt_counts=(10, 50, 200)) -> list[dict]:
+    """Forward FLOPs one test sample gains, per number of prompts p, from APT (on the language model's attention), from
+    PEFT's prefix tuning (p keys and values per layer) and from deep prompts as ViLT's deep prompt tuning runs them
+    (p more tokens through every layer of the language model: projections, MLP and attention)."""
+    from peft import PrefixTuningConfig
+
+    from peft_apt import APTConfig
+
+    sample = to_batch(processor, balanced_test_questions(1, 0)[:1])
+    frozen = forward_flops(model, sample)
+    language_model = model.model.language_model
+    tokens, width = sample["input_ids"].shape[1], model.config.text_config.hidden_size
+
+    def layers_flops(length: int) -> int:
+        return forward_flops(language_model, {"inputs_embeds": torch.zeros(1, length, width)})
+
+    rows = []
+    for prompts in prompt_counts:
+        apt = get_peft_model(copy.deepcopy(model), APTConfig(num_prompts=prompts, target_modules=APT_TARGETS))
+        prefix = get_peft_model(
+            copy.deepcopy(model), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=prompts)
+        )
+        rows.append({
+            "prompts": prompts,
+            "tokens": tokens,
+            "frozen": frozen,
+            "apt": forward_flops(apt, sample) - frozen,
+            "prefix_tuning": forward_flops(prefix, sample) - frozen,
+            "deep_prompt_through_layers": layers_flops(tokens + prompts) - layers_flops(tokens),
+        })  # fmt: skip
+    return rows
+
+
+def main(argv=None) -> None:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="Added forward FLOPs per sample on the aligned LLaVA, by prompts.")
+    parser.add_argument("--prompts", nargs="+", type=int, default=[10, 50, 200])
+    args = parser.parse_args(argv)
+    model, processor = load_model(tiny=False)
+    for row in added_flops_by_prompts(model, processor, args.prompts):
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
