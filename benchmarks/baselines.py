@@ -1,6 +1,5 @@
-"""Baselines that APT is compared against: VPT-deep, LoRA, linear probing (head only) and full fine-tuning; and the
-authors' optimiser, which the benchmarks' "reference optimiser" rows train APT with, and APT with only some of its
-tensors trained, for the ablation rows.
+"""What the benchmarks need beside PEFT: VPT-deep (the paper's deep-prompt baseline) for encoders, the authors'
+optimiser, and APT with only some of its tensors trained.
 
 VPT-deep (Jia et al., 2022) gives every encoder layer its own p learnable prompt tokens: they are inserted into the
 layer's input sequence (after the CLS token) and dropped from its output, so each layer sees fresh prompts. We add them
@@ -12,10 +11,9 @@ cross-modal layers.
 
 import inspect
 import math
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
-from peft import LoraConfig
 from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
@@ -141,27 +139,6 @@ def add_deep_prompts(
     return prompts
 
 
-def lora_config_for(model: nn.Module, r: int = 4, lora_alpha: int = 8, roles: str = "qv") -> LoraConfig:
-    """LoRA on the attention query and value projections, as in the LoRA paper (`roles="q"` or `"v"`: one of them);
-    names differ across transformers."""
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    if {"q_proj", "v_proj"} <= names:  # ViT family, newer transformers releases
-        targets = ["q_proj", "v_proj"]
-    elif {"query", "value"} <= names:  # ViT family, older releases (DINOv2 before 5.18)
-        targets = ["query", "value"]
-    else:
-        raise ValueError(f"No query/value projections found in {type(model).__name__}")
-    targets = [target for target in targets if target[0] in roles]
-    return LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=targets)
-
-
-def set_backbone_trainable(model: nn.Module, mode: Literal["head_only", "full"]) -> nn.Module:
-    """`head_only` freezes the whole backbone (linear probing: only the caller's head trains); `full` trains all."""
-    if mode not in ("head_only", "full"):
-        raise ValueError(f"mode must be 'head_only' or 'full', got {mode!r}")
-    return model.requires_grad_(mode == "full")
-
-
 def train_only(model: nn.Module, tensor_names: Sequence[str]) -> nn.Module:
     """`model` with only the APT tensors named (e.g. `apt_s`) left trainable; the others keep their init."""
     unknown = set(tensor_names) - set(APTLayer.adapter_layer_names)
@@ -171,13 +148,6 @@ def train_only(model: nn.Module, tensor_names: Sequence[str]) -> nn.Module:
         if parameter.requires_grad and not any(f".{tensor}." in name for tensor in tensor_names):
             parameter.requires_grad_(False)
     return model
-
-
-# How the reports describe `reference_optimiser`, in one place for every benchmark
-REFERENCE_OPTIMISER_TEXT = (
-    "the authors' AdamW, betas (0.9, 0.98), weight decay 0.01 except on biases and norms, the same warm-up then linear "
-    "decay to 0"
-)
 
 
 def reference_optimiser(named_parameters: dict[str, nn.Parameter], lr: float, steps: int, warmup_steps: int):

@@ -78,7 +78,7 @@ def run_experiment(experiment_dir: Path, seeds: list[int] | None, datasets: list
             path = folder / result_name(experiment, dataset, seed)
             if path.exists():
                 continue
-            run_params = {**params, "dataset": dataset, "tiny": tiny}
+            run_params = {**params, "dataset": dataset, "tiny": tiny} | ({"device": "cpu"} if tiny else {})
             run_params.pop("datasets", None)
             run_params.pop("seeds", None)
             config = json.loads(json.dumps(peft_config.to_dict(), default=sorted)) if peft_config else None

@@ -5,20 +5,12 @@ import math
 
 import pytest
 import torch
-from peft import get_peft_model
 from transformers import Dinov2Model, ViltConfig
 from transformers.models.vilt.modeling_vilt import ViltLayer
 
-from benchmarks.baselines import (
-    DeepPrompts,
-    add_deep_prompts,
-    count_trainable_parameters,
-    lora_config_for,
-    set_backbone_trainable,
-    vpt_init_bound,
-)
-from benchmarks.markdown import best_lr
-from benchmarks.quality import targets_markdown
+from benchmarks.baselines import DeepPrompts, add_deep_prompts, count_trainable_parameters, vpt_init_bound
+from benchmarks.image_classification import attach
+from benchmarks.report import best_lr
 from examples.offline.dinov2 import IMAGE_MEAN, prepare_pixels
 from examples.offline.images import load_digits, load_textile
 from examples.tiny_models import tiny_dinov2
@@ -143,32 +135,6 @@ def test_vpt_deep_prompts_follow_their_layers_device_and_dtype(where):
     assert (hidden.device, hidden.dtype) == expected
 
 
-def test_lora_config_targets_query_and_value():
-    model = tiny_dinov2(**DINOV2)
-    config = lora_config_for(model)
-    # DINOv2's query and value projections: `q_proj`, `v_proj` from transformers 5.18 on, `query`, `value` before
-    layer = model.encoder.layer[0].attention
-    expected = {"q_proj", "v_proj"} if hasattr(layer, "q_proj") else {"query", "value"}
-    assert config.r == 4 and set(config.target_modules) == expected
-    peft_model = get_peft_model(model, config)
-    # per adapted Linear: A (r x in) + B (out x r)
-    assert count_trainable_parameters(peft_model) == LAYERS * 2 * 4 * (HIDDEN + HIDDEN)
-    # one role alone: the query or the value projection only, half the parameters
-    for role, name in zip("qv", sorted(expected)):
-        single = lora_config_for(tiny_dinov2(**DINOV2), roles=role)
-        assert set(single.target_modules) == {name}
-        assert count_trainable_parameters(get_peft_model(tiny_dinov2(**DINOV2), single)) == LAYERS * 4 * 2 * HIDDEN
-
-
-def test_set_backbone_trainable():
-    model = tiny_dinov2(**DINOV2)
-    total = sum(p.numel() for p in model.parameters())
-    assert count_trainable_parameters(set_backbone_trainable(model, "head_only")) == 0
-    assert count_trainable_parameters(set_backbone_trainable(model, "full")) == total
-    with pytest.raises(ValueError):
-        set_backbone_trainable(model, "prompts")
-
-
 def test_prepare_pixels_normalizes_and_resizes():
     mean_image = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1).expand(2, 3, 30, 30)
     out = prepare_pixels(mean_image, 28)
@@ -199,18 +165,18 @@ def test_textile_split_labels_come_from_folders():
 
 
 def test_init_ablations_change_only_the_parametrisation():
-    from benchmarks.quality import METHODS
-    from peft_apt import APTLayer
+    from peft_apt import APTConfig, APTLayer
 
-    def first_apt_layer(method):
-        model = tiny_dinov2(**DINOV2)
+    def apt(**params):
         torch.manual_seed(1)
-        METHODS[method].attach(model)
-        return next(m for m in model.modules() if isinstance(m, APTLayer))
+        return attach(tiny_dinov2(**DINOV2), params, APTConfig())
 
-    default = first_apt_layer("APT p=200")
-    other_prompt_speed = first_apt_layer("APT p=200 P/c std .08")
-    small_W1 = first_apt_layer("APT p=200 W1 var 1/d")
+    def first_apt_layer(**init_ablation):
+        return next(m for m in apt(init_ablation=init_ablation).modules() if isinstance(m, APTLayer))
+
+    default = first_apt_layer()
+    other_prompt_speed = first_apt_layer(trained_prompt_std=0.08)
+    small_W1 = first_apt_layer(small_W1=True)
     # the same effective prompts, trained at another scale
     torch.testing.assert_close(other_prompt_speed.prompts("default"), default.prompts("default"))
     assert other_prompt_speed.apt_prompt["default"].std().item() == pytest.approx(0.08, rel=1e-4)
@@ -219,8 +185,9 @@ def test_init_ablations_change_only_the_parametrisation():
     torch.testing.assert_close(small_W1.apt_W1["default"] * math.sqrt(HIDDEN), default.apt_W1["default"])
     torch.testing.assert_close(small_W1.prompts("default"), default.prompts("default"))
     # s kept at its init: every APT tensor but s trains, one number fewer per adapted block
-    apt, fixed_s = (METHODS[m].attach(tiny_dinov2(**DINOV2)) for m in ("APT p=200", "APT p=200 fixed s"))
-    assert count_trainable_parameters(fixed_s) == count_trainable_parameters(apt) - LAYERS
+    not_s = [name for name in APTLayer.adapter_layer_names if name != "apt_s"]
+    fixed_s = apt(train_only=not_s)
+    assert count_trainable_parameters(fixed_s) == count_trainable_parameters(apt()) - LAYERS
     assert not any(p.requires_grad for name, p in fixed_s.named_parameters() if ".apt_s." in name)
 
 
@@ -228,23 +195,6 @@ def test_best_lr_is_the_one_the_extra_seeds_went_to():
     # one seed at 1e-3 and 1e-2, three at 3e-3 (the first seed's best): a lucky one-seed neighbour is not the choice
     by_lr = {1e-3: [90.0], 3e-3: [92.0, 86.0, 87.0], 1e-2: [91.0]}
     assert best_lr(by_lr) == 3e-3
-    assert best_lr({1e-3: [30.0, 31.0], 3e-3: [29.0, 33.0]}, min) == 1e-3  # perplexities, equal seeds: best mean
+    # perplexities, equal seeds: the best mean
+    assert best_lr({1e-3: [30.0, 31.0], 3e-3: [29.0, 33.0]}, higher_is_better=False) == 1e-3
     assert best_lr({1e-3: [90.0, 76.0], 3e-3: [84.0, 84.0]}) == 3e-3  # the mean, not the best seed
-
-
-def test_targets_judge_the_gain_share_and_the_floor_up_to_1e_2():
-    table = {
-        ("digits", "head-only"): {1e-3: [40.0, 40.0], 1e-2: [50.0, 50.0]},
-        ("digits", "LoRA r=4"): {1e-3: [70.0, 70.0], 1e-2: [10.0, 10.0]},
-        ("digits", "APT p=200"): {1e-3: [45.0, 45.0], 1e-2: [48.0, 48.0]},
-    }
-    lines = targets_markdown(table, "digits", "APT p=200").splitlines()
-    # head-only's best 50, LoRA's 70, APT's 48: a gain of -2 against 20
-    assert lines[0].endswith("at every lr <= 0.01: **FAILS** (0.001: +5.0, 0.01: -2.0)")
-    assert lines[3].endswith("**FAILS** (-10%: 48.0 and 70.0 against 50.0)")
-    table["digits", "APT p=200"][1e-2] = [66.0, 66.0]
-    lines = targets_markdown(table, "digits", "APT p=200").splitlines()
-    assert "**holds**" in lines[0] and lines[3].endswith("**holds** (80%: 66.0 and 70.0 against 50.0)")
-    # an ablation row of a rival (LoRA on one projection) is reported, not judged against
-    table["digits", "LoRA r=4 (q only)"] = {1e-3: [99.0, 99.0]}
-    assert targets_markdown(table, "digits", "APT p=200").splitlines() == lines
