@@ -3,6 +3,8 @@
 Importing this package registers `PeftType.APT` with PEFT, in memory only, so that `get_peft_model`,
 `PeftModel.from_pretrained`, `AutoPeftModel*` and `load_adapter` handle APT adapters.
 It also makes the model cards of APT adapters complete, through `push_to_hub` too (see `peft_apt.hub`).
+Where PEFT or diffusers assume LoRA-like layers (disk offload, diffusers' LoRA format), APT models take their own
+path (see `peft_apt.integrations`).
 """
 
 from importlib.metadata import version
@@ -29,6 +31,7 @@ from peft.utils import PeftType, register_peft_method  # noqa: E402
 from .config import APTConfig  # noqa: E402
 from .constants import TRANSFORMERS_MODELS_TO_APT_TARGET_MODULES_MAPPING  # noqa: E402
 from .hub import install as _install_model_cards  # noqa: E402
+from .integrations import install as _install_integrations  # noqa: E402
 from .layer import APTLayer, approximated_prompt_output  # noqa: E402
 from .model import APTModel  # noqa: E402
 
@@ -48,6 +51,7 @@ def _register() -> None:
         mapping.pop(PeftType.APT, None)
     register_peft_method(name="apt", config_cls=APTConfig, model_cls=APTModel, prefix=APTModel.prefix)
     _install_model_cards()
+    _install_integrations()
 
 
 _register()

@@ -57,6 +57,11 @@ class APTConfig(PeftConfig):
             the paper. `False`: every tensor random, including `W2` and `s`; for tests only.
         modules_to_save (`Optional[list[str]]`):
             Modules besides the APT layers to train and save, for example a new classification head.
+        trainable_token_indices (`Optional[Union[list[int], dict[str, list[int]]]]`):
+            Token indices whose embeddings train beside the adapter (PEFT's trainable tokens, as in `LoraConfig`),
+            such as tokens added to the tokenizer: a list for the input embedding layer, or a dict from embedding
+            module name to indices, e.g. `{"embed_tokens": [32000, 32001]}`. Only those rows are trained and saved.
+            TRL's `SFTTrainer` fills it in when its chat template adds tokens.
         multipliers (`Optional[dict[str, dict[str, float]]]`):
             Filled in by APT; leave it unset. The fixed multipliers of each adapted module, keyed by its path:
             `{"prompt": c, "W2": k}` with P = c * apt_prompt and W2 = k * apt_W2 in the formula. They are recorded
@@ -100,6 +105,15 @@ class APTConfig(PeftConfig):
     )
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Modules besides the APT layers to train and save, such as a new head."}
+    )
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Token indices whose embeddings train beside the adapter: a list for the input embeddings, or a dict "
+                "from embedding module name to indices, e.g. {'embed_tokens': [32000, 32001]}."
+            )
+        },
     )
     multipliers: Optional[dict[str, dict[str, float]]] = field(
         default=None,

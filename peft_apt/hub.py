@@ -134,7 +134,7 @@ def push_to_hub(
         )
 
 
-def _for_apt_models(name: str, apt_method) -> None:
+def for_apt_models(name: str, apt_method) -> None:
     """Make `PeftModel.<name>` call `apt_method(peft_method, ...)` for models with an APT adapter. Installing again
     (a reload of peft_apt) replaces the earlier wrapper instead of wrapping it."""
     peft_method = getattr(PeftModel, name)
@@ -151,6 +151,6 @@ def _for_apt_models(name: str, apt_method) -> None:
 
 
 def install() -> None:
-    _for_apt_models("create_or_update_model_card", create_or_update_model_card)
-    _for_apt_models("push_to_hub", push_to_hub)
-    _for_apt_models("save_pretrained", save_pretrained)
+    for_apt_models("create_or_update_model_card", create_or_update_model_card)
+    for_apt_models("push_to_hub", push_to_hub)
+    for_apt_models("save_pretrained", save_pretrained)

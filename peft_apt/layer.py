@@ -165,6 +165,23 @@ def find_output_projection(attention: nn.Module) -> Optional[str]:
     return None
 
 
+@contextlib.contextmanager
+def _onloaded(modules: list[nn.Module]):
+    """
+    The modules' tensors loaded for the duration where accelerate offloads them (a base dispatched with a
+    `device_map` that offloads to CPU or disk). accelerate's hooks load a module's tensors when the module is called;
+    APT's parameter dicts are read, never called, so their hooks run here.
+    """
+    hooks = [(module, module._hf_hook) for module in modules if getattr(module, "_hf_hook", None) is not None]
+    for module, hook in hooks:
+        hook.pre_forward(module)
+    try:
+        yield
+    finally:
+        for module, hook in hooks:
+            hook.post_forward(module, None)
+
+
 @dataclass(eq=False)  # compared by identity: removing one call must never compare tensors
 class _RunningCall:
     """One APT layer's forward in progress: its X, and whether its output projection has run yet."""
@@ -246,6 +263,8 @@ class APTLayer(nn.Module, BaseTunerLayer):
         self.multipliers: dict[str, dict[str, float]] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
+        # read by `peft.helpers.disable_input_dtype_casting`, which diffusers' layerwise casting applies
+        self.cast_input_dtype_enabled = True
         self._active_adapter = adapter_name
         # The first parameter of the attention's forward carries X (`hidden_states`, or `query` for
         # nn.MultiheadAttention); models pass it positionally or by keyword.
@@ -425,10 +444,11 @@ class APTLayer(nn.Module, BaseTunerLayer):
         call.term_added = True
         attention_output = output[0] if isinstance(output, tuple) else output
         adapter_names = current_adapter_names()
-        if adapter_names is None:
-            result = self._apply_adapters(self.active_adapters, attention_output, call.query_states)
-        else:
-            result = self._mixed_batch_prompt_term(adapter_names, attention_output, call.query_states)
+        with _onloaded([getattr(self, name) for name in self.adapter_layer_names]):
+            if adapter_names is None:
+                result = self._apply_adapters(self.active_adapters, attention_output, call.query_states)
+            else:
+                result = self._mixed_batch_prompt_term(adapter_names, attention_output, call.query_states)
         return (result, *output[1:]) if isinstance(output, tuple) else result
 
     def _apply_adapters(self, adapter_names: list[str], output: torch.Tensor, query_states: torch.Tensor):
@@ -437,19 +457,23 @@ class APTLayer(nn.Module, BaseTunerLayer):
         for adapter_name in adapter_names:
             if adapter_name not in self.apt_prompt:
                 continue
-            prompts = self.apt_prompt[adapter_name]
+            prompts, W1, W2, log_scale = (getattr(self, name)[adapter_name] for name in self.adapter_layer_names)
+            # Under autocast the matmuls run in the autocast dtype: casting to fp32 first would be wasted.
             if not torch.is_autocast_enabled(result.device.type):
-                # The term in the adapter's dtype (fp32 masters on a half-precision base), as LoRA does. Under
-                # autocast its matmuls already run in the autocast dtype: casting to fp32 first would be wasted.
-                result = self._cast_input_dtype(result, prompts.dtype)
-                query_states = self._cast_input_dtype(query_states, prompts.dtype)
+                if self.cast_input_dtype_enabled:
+                    # The term in the adapter's dtype (fp32 masters on a half-precision base), as LoRA does.
+                    result = self._cast_input_dtype(result, prompts.dtype)
+                    query_states = self._cast_input_dtype(query_states, prompts.dtype)
+                else:
+                    # Hooks set the compute dtype (diffusers' layerwise casting): the term runs in it.
+                    prompts, W1, W2, log_scale = (tensor.to(result.dtype) for tensor in (prompts, W1, W2, log_scale))
             result = approximated_prompt_output(
                 result,
                 query_states,
                 prompts,
-                self.apt_W1[adapter_name],
-                self.apt_W2[adapter_name],
-                self.apt_s[adapter_name],
+                W1,
+                W2,
+                log_scale,
                 dropout=self.apt_dropout[adapter_name],
                 training=self.training,
                 prompt_scale=self.prompt_scale(adapter_name),

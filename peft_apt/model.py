@@ -19,6 +19,7 @@ from .constants import (
     TRANSFORMERS_MODELS_TO_APT_TARGET_MODULES_MAPPING,
     TRANSFORMERS_MODELS_WITHOUT_APT_TARGET_MODULES,
 )
+from .integrations import guard_lora_format
 from .layer import MERGE_ERROR, APTLayer, find_output_projection, set_adapter_names
 
 
@@ -72,6 +73,9 @@ class APTModel(BaseTuner):
         if peft_config.multipliers is None:
             peft_config.multipliers = {}
         return peft_config
+
+    def _pre_injection_hook(self, model: nn.Module, config: APTConfig, adapter_name: str) -> None:
+        guard_lora_format(model)  # diffusers' LoRA format cannot hold APT adapters
 
     @staticmethod
     def _check_target_module_exists(peft_config: APTConfig, key: str):
