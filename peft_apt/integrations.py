@@ -50,9 +50,10 @@ def update_offload(peft_method, self: PeftModel, offload_index: dict, adapters_w
     adapted model and add the APT tensors of the layers that live on disk, which accelerate then loads at each forward.
 
     PEFT's version looks each weight's owner up as an adapter layer; an APT layer wraps the attention, whose weights
-    sit one `base_layer` deeper. Here the base weights are also read from the checkpoint where they are, instead of
-    being copied into new files (which PEFT writes in place of the checkpoint when it lies in a local folder): only
-    the APT tensors are written, to a temporary folder removed with the model.
+    sit one `base_layer` deeper. Here the base weights are also read from the checkpoint where they are instead of
+    being copied into new files (PEFT writes its copy beside the Hub cache's folder, or under the current directory
+    for a checkpoint in a local folder): only the APT tensors are written, to a temporary folder removed with the
+    model.
     """
     if not offload_index:
         return
@@ -103,7 +104,7 @@ def _refuse_apt_lora_format(diffusers_method):
         call = inspect.signature(diffusers_method).bind(self, *args, **kwargs)
         call.apply_defaults()
         configs = getattr(self, "peft_config", {})
-        adapter_name = call.arguments["adapter_name"]
+        adapter_name = call.arguments.get("adapter_name")
         names = [adapter_name] if adapter_name is not None else list(configs)
         for name in names:
             if isinstance(configs.get(name), APTConfig):
