@@ -8,8 +8,8 @@ questions of each type (yes/no, shape, colour), overall and per type. The projec
 AdamW, linear warm-up over `warmup_ratio` of the steps then cosine decay, the same questions in the same order.
 
 Besides accuracy, a run records its cost: trainable parameters, added forward FLOPs per sample (image tokens included,
-from PyTorch's FLOP counter), the peak memory of training above the loaded model (the process's peak resident set, in
-the first run of a process), and training-step and inference times relative to the frozen model (its projector
+from PyTorch's FLOP counter), the memory a training step holds above the loaded model (saved activations, gradients,
+AdamW's moments), and training-step and inference times relative to the frozen model (its projector
 alone trained), the two measured alternately in the same process.
 """
 
@@ -20,7 +20,6 @@ import functools
 import math
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from peft import PeftConfig, get_peft_model
@@ -39,7 +38,6 @@ METRIC_SCALE, METRIC_DIGITS = 100, 1
 TINY = dict(n_train=8, n_test_per_type=2, steps=2, batch_size=2, eval_batch_size=3, time_repeats=1)
 PROJECTOR = "multi_modal_projector"
 APT_TARGETS = r".*language_model.*\.self_attn"  # as the experiments' adapter_config.json
-_TRAINED_IN_THIS_PROCESS = False
 
 
 @functools.cache
@@ -180,22 +178,22 @@ def relative_times(frozen, adapted, params: dict, batch: dict, repeats: int) -> 
     }
 
 
-def peak_rss_bytes() -> int | None:
-    """The process's peak resident set size since `reset_peak_rss` (Linux), else None."""
-    status = Path("/proc/self/status")
-    if not status.exists():
-        return None
-    line = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
+def training_memory_bytes(model, batch: dict) -> int:
+    """Memory a training step holds above the loaded model: the tensors autograd saves for the backward pass of
+    `batch` (each storage once, the model's own weights excluded), the gradients and AdamW's two moments."""
+    weights = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
+    saved = {}
 
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
 
-def reset_peak_rss() -> int | None:
-    """Reset the peak resident set size to the current one and return it (Linux: /proc/self/clear_refs)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return None
-    return peak_rss_bytes()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        answer_loss(model.train(), batch)
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return sum(saved.values()) + 3 * trainable
 
 
 def run(params: dict, peft_config: PeftConfig | None, seed: int) -> dict:
@@ -209,13 +207,17 @@ def run(params: dict, peft_config: PeftConfig | None, seed: int) -> dict:
     optimizer, schedule = optimiser(model, params, steps)
     generator = torch.Generator().manual_seed(seed)
     order = torch.cat(
-        [torch.randperm(len(train), generator=generator) for _ in range(math.ceil(steps * batch_size / len(train)))]
+        [
+            torch.randperm(len(train), generator=generator)
+            for _ in range(max(1, math.ceil(steps * batch_size / len(train))))
+        ]
     )
     probe = to_batch(processor, test[: params["batch_size"]])
     one_sample = to_batch(processor, test[:1])  # unpadded
     added_flops = forward_flops(model, one_sample) - forward_flops(base, one_sample)
 
-    memory_before, losses = reset_peak_rss(), []
+    memory = training_memory_bytes(model, probe)
+    losses = []
     start = time.perf_counter()
     model.train()
     for step in range(steps):
@@ -227,15 +229,11 @@ def run(params: dict, peft_config: PeftConfig | None, seed: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
     seconds = time.perf_counter() - start
-    # Freed memory stays with the process, so only a process's first training shows its peak above the loaded model.
-    global _TRAINED_IN_THIS_PROCESS
-    train_memory = None if memory_before is None or _TRAINED_IN_THIS_PROCESS else peak_rss_bytes() - memory_before
-    _TRAINED_IN_THIS_PROCESS = True
 
     metrics = evaluate(model, processor, test, params["eval_batch_size"])
-    metrics["final_train_loss"] = statistics.mean(losses[-max(1, steps // 10) :])
+    metrics["final_train_loss"] = statistics.mean(losses[-max(1, steps // 10) :]) if losses else None
     metrics["projector_params"] = sum(p.numel() for n, p in model.named_parameters() if f"{PROJECTOR}." in n)
-    metrics["peak_train_rss_bytes"] = train_memory  # on top of the loaded model and data
+    metrics["training_memory_bytes"] = memory
     if params.get("time_repeats") and seed == params.get("time_seed", 0):
         frozen = attach(copy.deepcopy(base), {**params, "baseline": "head-only"}, None)
         metrics.update(relative_times(frozen, model, params, probe, params["time_repeats"]))
