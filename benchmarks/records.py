@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "peft-apt")
+TRAIN_INFO = ("metrics", "train_losses", "train_time_s", "peak_memory_bytes", "trainable_params", "adapter_file_bytes",
+              "added_forward_flops")  # fmt: skip
 
 
 def machine(device: torch.device | str = "cpu") -> str:
@@ -84,7 +86,7 @@ def make_result(
             "train_params": train_params,
             "peft_config": peft_config,
         },
-        "train_info": train_info,
+        "train_info": {key: train_info.get(key) for key in TRAIN_INFO},
         "meta_info": meta_info,
     }
 

@@ -131,13 +131,12 @@ def adapter_mb(results: list[dict], label: str) -> str:
 
 
 def step_time_ratios(task: Task, tasks: list[Task]) -> dict[str, float]:
-    """{method folder: training step / head-only's} from a cost-task result measured on this task's model."""
-    for other in tasks:
-        for result in other.results:
-            metrics = result["train_info"]["metrics"]
-            if "step_time_ratio" in metrics and result["run_info"]["train_params"].get("model") == task.params["model"]:
-                return metrics["step_time_ratio"]
-    return {}
+    """{method folder: training step / head-only's} from the cost-task results measured on this task's model."""
+    ratios = {}
+    for result in (result for other in tasks for result in other.results):
+        if result["run_info"]["train_params"].get("model") == task.params["model"]:
+            ratios.update(result["train_info"]["metrics"].get("step_time_ratio", {}))
+    return ratios
 
 
 def best_table(task: Task, results: list[dict], tasks: list[Task]) -> list[str]:

@@ -27,6 +27,11 @@ import peft_apt  # noqa: F401  (registers APT with PEFT, so that its adapter_con
 from .records import current_meta_info, make_result, result_name, write_result
 
 
+# Training parameters of design-study experiments whose results are kept but that the trainers do not run: another APT
+# parametrisation than the installed one, prompts drawn from the data, the attention-change measurement.
+KEPT_AS_DATA = ("apt_parametrisation", "prompt_init", "measure_attention_change")
+
+
 def experiment_parts(experiment_dir: Path) -> tuple[Path, str]:
     """(task folder, experiment name) of `<task>/experiments/<method>/<name>`."""
     experiment_dir = experiment_dir.resolve()
@@ -69,30 +74,28 @@ def run_once(trainer, params: dict, peft_config: PeftConfig | None, seed: int) -
 
 
 def run_experiment(experiment_dir: Path, seeds: list[int] | None, datasets: list[str] | None, tiny: bool) -> None:
+    """Run every (dataset, seed) of an experiment whose result file does not exist yet."""
     task_dir, experiment = experiment_parts(experiment_dir)
     params, peft_config = load_experiment(experiment_dir)
+    if kept := [key for key in KEPT_AS_DATA if key in params]:
+        raise ValueError(f"{experiment}: its results are kept as data; no trainer runs {kept} (see DESIGN_STUDIES.md)")
     trainer = importlib.import_module(f"benchmarks.{params['trainer']}")
+    config = json.loads(json.dumps(peft_config.to_dict(), default=sorted)) if peft_config else None
     folder = task_dir / ("temporary_results" if tiny else "results")
     for dataset in datasets or params.get("datasets") or [None]:
         for seed in seeds or params["seeds"]:
             path = folder / result_name(experiment, dataset, seed)
             if path.exists():
                 continue
-            run_params = {**params, "dataset": dataset, "tiny": tiny} | ({"device": "cpu"} if tiny else {})
-            run_params.pop("datasets", None)
-            run_params.pop("seeds", None)
-            config = json.loads(json.dumps(peft_config.to_dict(), default=sorted)) if peft_config else None
-            info = dict(task=task_dir.name, experiment=experiment, dataset=dataset, seed=seed)
-            info.update(
-                train_params=run_params, peft_config=config, meta_info=current_meta_info(params.get("device", "cpu"))
-            )
-            try:
-                outcome = run_once(trainer, run_params, peft_config and PeftConfig.from_peft_type(**config), seed)
+            run_params = {k: v for k, v in params.items() if k not in ("datasets", "seeds")}
+            run_params.update(dataset=dataset, tiny=tiny, **({"device": "cpu"} if tiny else {}))
+            info = dict(task=task_dir.name, experiment=experiment, dataset=dataset, seed=seed, peft_config=config)
+            info.update(train_params=run_params, meta_info=current_meta_info(run_params.get("device", "cpu")))
+            try:  # a fresh config per run: get_peft_model fills in the model's defaults
+                outcome = run_once(trainer, run_params, config and PeftConfig.from_peft_type(**config), seed)
             except Exception:
-                write_result(
-                    task_dir / "temporary_results" / path.name,
-                    make_result(**info, train_info={}, status="failed", error=traceback.format_exc()),
-                )
+                failed = make_result(**info, train_info={}, status="failed", error=traceback.format_exc())
+                write_result(task_dir / "temporary_results" / path.name, failed)
                 raise
             write_result(path, make_result(**info, train_info=outcome))
             print(f"{task_dir.name} {experiment} {dataset or ''} seed {seed}: {outcome['metrics']}", flush=True)

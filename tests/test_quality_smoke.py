@@ -43,7 +43,8 @@ def test_every_method_of_every_task_runs_tiny_and_writes_the_schema(task, tmp_pa
         assert set(result["run_info"]) == RUN_INFO and result["run_info"]["status"] == "success"
         assert set(result["train_info"]) == TRAIN_INFO and set(result["meta_info"]) == META_INFO
         assert result["run_info"]["task"] == task.name and result["run_info"]["train_params"]["tiny"] is True
-        assert len(result["train_info"]["train_losses"]) >= 1 and result["train_info"]["trainable_params"] >= 0
+        losses = result["train_info"]["train_losses"]
+        assert (losses is None or len(losses) >= 1) and result["train_info"]["trainable_params"] >= 0
         has_adapter = (task / "experiments" / result["run_info"]["experiment"] / "adapter_config.json").exists()
         assert (result["run_info"]["peft_config"] is not None) == has_adapter
     first_written = results[0].stat().st_mtime_ns
