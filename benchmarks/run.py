@@ -26,7 +26,6 @@ import peft_apt  # noqa: F401  (registers APT with PEFT, so that its adapter_con
 
 from .records import current_meta_info, make_result, result_name, write_result
 
-
 # Training parameters of design-study experiments whose results are kept but that the trainers do not run: another APT
 # parametrisation than the installed one, prompts drawn from the data, the attention-change measurement.
 KEPT_AS_DATA = ("apt_parametrisation", "prompt_init", "measure_attention_change")
