@@ -27,10 +27,11 @@ from examples.tiny_models import tiny_corpus, tiny_dinov2, tiny_llama, word_toke
 from peft_apt import APTConfig, APTModel
 from peft_apt.layer import INITIAL_TERM_RATIO
 
-from .markdown import RESULTS_PATH, environment, write_section
 from .prompt_terms import prompt_terms
+from .records import command_line, machine, package_versions
 
-SECTION = "calibration"
+DESIGN_STUDIES = Path(__file__).resolve().parent / "DESIGN_STUDIES.md"
+BEGIN, END = "<!-- BEGIN calibration -->", "<!-- END calibration -->"  # the block `benchmarks.report` keeps
 INITS = {
     "default (calibrated on the input norm)": lambda: APTConfig(),
     "default, calibrated for a LayerNorm-sized X": lambda: APTConfig(),
@@ -109,9 +110,11 @@ def table_lines(label: str, results: dict[str, list[dict]]) -> list[str]:
 
 def report(tiny: bool) -> str:
     lines = [
-        "## Initial prompt term against its target (benchmarks/calibration.py)",
+        "## Initial prompt term against its target (`python -m benchmarks.calibration`)",
         "",
-        *environment(torch.device("cpu")).splitlines(),
+        f"- Machine: {machine()}",
+        "- Versions: " + ", ".join(f"{name} {version}" for name, version in package_versions().items()),
+        f"- Command: `{command_line()}`",
         "",
         f"Per adapted block (0 = first): the mean ||X|| entering the attention, then the initial term's mean "
         f"||a (A @ P)|| / ||X|| over the tokens divided by the default's target ({INITIAL_TERM_RATIO:g}): 1 is on "
@@ -126,11 +129,14 @@ def report(tiny: bool) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="random tiny models: a smoke test")
-    parser.add_argument("--results-md", type=Path, default=RESULTS_PATH)
+    parser.add_argument("--output", type=Path, default=DESIGN_STUDIES, help="the page whose calibration block to write")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    write_section(SECTION, report(args.tiny), args.results_md)
-    print(f"wrote the '{SECTION}' section of {args.results_md}")
+    text = args.output.read_text() if args.output.exists() else ""
+    block = f"{BEGIN}\n{report(args.tiny)}\n{END}"
+    kept = text.split(BEGIN)[0] + text.split(END)[-1] if BEGIN in text else text
+    args.output.write_text(kept.rstrip() + "\n\n" + block + "\n")
+    print(f"wrote the calibration block of {args.output}")
 
 
 if __name__ == "__main__":

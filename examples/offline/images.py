@@ -11,7 +11,7 @@ per textile image), so there is no on-disk cache.
 
 `python -m examples.offline.images --textile-subset DIR` copies a stratified subset of the textile folders (600
 images, 13 MB: enough for 300/300 splits) for machines without conformal-clip-data, such as the GPU machine; then
-`benchmarks.quality --textile-root DIR`.
+`TEXTILE_ROOT=DIR bash benchmarks/gpu_quality.sh`.
 """
 
 import argparse
