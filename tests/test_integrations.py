@@ -331,6 +331,31 @@ def test_layerwise_casting_before_adapting(kind, family, tokenizer):
     torch.testing.assert_close(got, run(uncast), rtol=3e-2, atol=3e-2)
 
 
+def test_apt_term_runs_in_the_compute_dtype_when_adapter_tensors_are_fp32():
+    """fp8 storage, bf16 compute, fp32 adapter tensors (PEFT's default on a bf16 base): APT computes its term in bf16,
+    as the uncast bf16 model does with the same weights (LoRA's layers fail here on mismatched dtypes)."""
+    pytest.importorskip("diffusers")
+    model = get_peft_model(tiny_unet().to(torch.bfloat16).eval(), adapter_config("apt"))
+    assert all(p.dtype == torch.float32 for p in adapter_tensors(model).values())
+    reference = copy.deepcopy(model)
+    model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    stored_in_fp8 = {name for name, p in model.named_parameters() if p.dtype == torch.float8_e4m3fn}
+    assert len(stored_in_fp8) > 10
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if name in stored_in_fp8:
+                p.copy_(p.to(torch.float8_e4m3fn).to(torch.bfloat16))
+            elif p.dtype == torch.float32:
+                p.data = p.data.to(torch.bfloat16)
+    inputs = {
+        key: value.to(torch.bfloat16) if value.is_floating_point() else value for key, value in unet_inputs().items()
+    }
+    with torch.no_grad():
+        got, expected = model(**inputs).sample, reference(**inputs).sample
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("kind", ADAPTERS)
 def test_disable_input_dtype_casting(kind, tokenizer):
     model = get_peft_model(build_llama(tokenizer), adapter_config(kind))
