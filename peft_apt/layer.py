@@ -458,8 +458,9 @@ class APTLayer(nn.Module, BaseTunerLayer):
             if adapter_name not in self.apt_prompt:
                 continue
             prompts, W1, W2, log_scale = (getattr(self, name)[adapter_name] for name in self.adapter_layer_names)
+            device_type = result.device.type  # autocast does not exist on every device (meta)
             # Under autocast the matmuls run in the autocast dtype: casting to fp32 first would be wasted.
-            if not torch.is_autocast_enabled(result.device.type):
+            if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
                 if self.cast_input_dtype_enabled:
                     # The term in the adapter's dtype (fp32 masters on a half-precision base), as LoRA does.
                     result = self._cast_input_dtype(result, prompts.dtype)
