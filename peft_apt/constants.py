@@ -3,9 +3,10 @@
 # Default `target_modules` per `config.model_type`. Each entry names the attention module of a block, the module
 # whose input is the query-side hidden states X and whose output projection produces O. A list matches on the end
 # of a module path (and then only the outermost match is adapted, so ViLT's `attention` never also adapts the nested
-# `attention.attention`); a string is a regex on the whole path. Composite models (CLIP, SigLIP, Gemma 3, Llama 4)
-# get every tower whose attention matches; encoder-decoders get the encoder's self-attention and the decoder's self-
-# and cross-attention, where X is the decoder stream.
+# `attention.attention`); a string is a regex on the whole path. Composite models (CLIP, SigLIP) get every tower whose
+# attention matches; encoder-decoders get the encoder's self-attention and the decoder's self- and cross-attention,
+# where X is the decoder stream. Vision-language models without an entry get their language model's attention modules
+# by a rule (`language_model_attentions` in model.py); an entry here is for a model where that rule is wrong.
 TRANSFORMERS_MODELS_TO_APT_TARGET_MODULES_MAPPING: dict[str, list[str] | str] = {
     "vilt": ["attention"],
     # METER's architecture; its reference adapts the co-attention layers only, not the unimodal encoders.
@@ -27,7 +28,6 @@ TRANSFORMERS_MODELS_TO_APT_TARGET_MODULES_MAPPING: dict[str, list[str] | str] = 
     "deberta": ["attention"],
     "deberta-v2": ["attention"],
     "llama": ["self_attn"],
-    "llama4": ["self_attn"],
     "llama4_text": ["self_attn"],
     "mistral": ["self_attn"],
     "mixtral": ["self_attn"],
@@ -36,10 +36,7 @@ TRANSFORMERS_MODELS_TO_APT_TARGET_MODULES_MAPPING: dict[str, list[str] | str] = 
     "qwen3_moe": ["self_attn"],
     "gemma": ["self_attn"],
     "gemma2": ["self_attn"],
-    "gemma3": ["self_attn"],
     "gemma3_text": ["self_attn"],
-    # the language model only, as LoRA: the vision tower's projections are clipping wrappers without a weight
-    "gemma4": r".*language_model\..*\.self_attn",
     "gemma4_text": ["self_attn"],
     "phi": ["self_attn"],
     "phi3": ["self_attn"],
@@ -63,6 +60,12 @@ TRANSFORMERS_MODELS_TO_APT_TARGET_MODULES_MAPPING: dict[str, list[str] | str] = 
     "bart": ["self_attn", "encoder_attn"],
     "mbart": ["self_attn", "encoder_attn"],
     "whisper": ["self_attn", "encoder_attn"],
+    # vision-language encoder-decoders whose text and image tokens meet in the encoder, which the rule (the language
+    # model that `get_decoder()` returns) would miss: UDOP's one T5 stack takes the image patches with the text, and
+    # T5Gemma 2's encoder merges the image tokens into its text model (its vision tower's attentions are `self_attn`
+    # too, hence the regex)
+    "udop": ["SelfAttention", "EncDecAttention"],
+    "t5gemma2": r"model\.(encoder\.text_model|decoder)\.layers\.\d+\.self_attn",
     # diffusers models have no `model_type`; APT knows them by class name (see `APTModel.get_model_config`).
     # `attn1` is the self-attention and `attn2` the cross-attention of each transformer block; X is the query stream.
     "UNet2DConditionModel": ["attn1", "attn2"],
@@ -76,8 +79,11 @@ TRANSFORMERS_MODELS_TO_APT_TARGET_MODULES_MAPPING: dict[str, list[str] | str] = 
 #   "previous/name"  `name` in the block before it (post-LN stacks: X is the previous block's output norm)
 #   "~suffix"        the module whose path ends with `suffix` and shares the longest prefix with the attention's path
 #                    (the embeddings' norm feeding a post-LN stack's first block); `{previous}` is the block's index - 1
-# Model types without an entry, and attentions whose X is not normalised (OLMo 2 normalises after its attention, so
-# X is the residual stream), are calibrated for a LayerNorm-sized X (||X|| = sqrt(d)).
+# The entry of the model's own type is used; for a type without one, the entry of the innermost sub-model holding the
+# attention (a vision-language model's language model or vision tower, by its config's model type), and in a
+# language model found by the rule of `language_model_attentions`, LANGUAGE_MODEL_INPUT_NORMS. Attentions with none
+# of these, and those whose X is not normalised (OLMo 2 normalises after its attention, so X is the residual stream),
+# are calibrated for a LayerNorm-sized X (||X|| = sqrt(d)).
 _PRE_LN = ("input_layernorm",)
 _POST_LN_ENCODER = ("previous/output.LayerNorm", "~embeddings.LayerNorm")
 TRANSFORMERS_MODELS_TO_APT_INPUT_NORMS: dict[str, dict[str, tuple[str, ...]]] = {
@@ -108,7 +114,6 @@ TRANSFORMERS_MODELS_TO_APT_INPUT_NORMS: dict[str, dict[str, tuple[str, ...]]] = 
             "gemma",
             "gemma2",
             "gemma3_text",
-            "gemma4",
             "gemma4_text",
             "phi",
             "phi3",
@@ -120,15 +125,14 @@ TRANSFORMERS_MODELS_TO_APT_INPUT_NORMS: dict[str, dict[str, tuple[str, ...]]] = 
         ),
         {"*": _PRE_LN},
     ),
-    # composite models: the language model's blocks, then the vision tower's
-    "llama4": {"*": _PRE_LN},
-    "gemma3": {"*": (*_PRE_LN, "layer_norm1")},
+    "llama4_vision_model": {"*": _PRE_LN},
     "falcon": {"*": (*_PRE_LN, "ln_attn")},
     "olmo2": {},
     "opt": {"*": ("self_attn_layer_norm",)},
     **dict.fromkeys(("gpt2", "gpt_bigcode", "gptj", "codegen", "gpt_neo"), {"*": ("ln_1",)}),
     "mpt": {"*": ("norm_1",)},
-    **dict.fromkeys(("t5", "mt5"), {"*": ("layer_norm",)}),
+    **dict.fromkeys(("t5", "mt5", "udop"), {"*": ("layer_norm",)}),
+    **dict.fromkeys(("t5gemma2_encoder", "t5gemma2_decoder"), {"*": ("pre_self_attn_layernorm",)}),
     "bart": {
         "self_attn": ("previous/final_layer_norm", "~layernorm_embedding"),
         "encoder_attn": ("self_attn_layer_norm",),
@@ -139,13 +143,21 @@ TRANSFORMERS_MODELS_TO_APT_INPUT_NORMS: dict[str, dict[str, tuple[str, ...]]] = 
     ),
     "UNet2DConditionModel": {"attn1": ("norm1",), "attn2": ("norm2",)},
 }
+# The language model of a vision-language model, whatever its type: most are pre-norm decoders whose attention reads
+# `input_layernorm` (the other names are those of the families that name it otherwise); BERT-style post-LN text
+# decoders (BLIP's, Git's) read the previous block's output norm, and their cross-attention the self-attention's.
+LANGUAGE_MODEL_INPUT_NORMS: dict[str, tuple[str, ...]] = {
+    "*": (*_PRE_LN, "attention_layernorm", "self_attn_layer_norm", "operator_norm", "norm", *_POST_LN_ENCODER),
+    "encoder_attn": ("encoder_attn_layer_norm",),
+    "crossattention": ("attention.output.LayerNorm",),
+}
 
 # Model types with LoRA defaults in PEFT that APT gives none, and why: the error for `target_modules=None` says so.
 TRANSFORMERS_MODELS_WITHOUT_APT_TARGET_MODULES: dict[str, str] = {
     "rwkv": "RWKV has no attention: its time mixing is a recurrence over token-shifted inputs, with no query-side X",
     "nemotron_h": "its attention and Mamba blocks are all named `mixer`, so no module name picks out the attention",
-    "blip-2": "its language model, OPT or T5, is the checkpoint's choice: pass `self_attn` (OPT), or "
-    "`SelfAttention` and `EncDecAttention` (T5)",
+    "pix2struct": "its attentions' output projection is called `output`, a name APT does not look for (RWKV's time "
+    "mixing, which is no attention, has one too)",
     **{
         model_type: "not a transformers model (remote code): pass the attention modules of its code"
         for model_type in ("chatglm", "btlm", "RefinedWeb", "RefinedWebModel", "rwkv7")
@@ -155,5 +167,15 @@ TRANSFORMERS_MODELS_WITHOUT_APT_TARGET_MODULES: dict[str, str] = {
 # Paths, relative to an attention module, of the projection whose output is O, tried in this order (so a family
 # resolved by an earlier name never changes when a later one is added). APT adds its term to that output, so it
 # lands before the block's dropout, residual and (post-LN) LayerNorm. `torch.nn.MultiheadAttention` applies its
-# `out_proj` functionally; there O is the module's own output[0].
-OUTPUT_PROJECTION_NAMES: tuple[str, ...] = ("output.dense", "o_proj", "out_proj", "to_out.0", "o", "dense", "c_proj")
+# `out_proj` functionally; there O is the module's own output[0]. `o_proj.linear` is a gated projection's weight (the
+# gate acts on its input).
+OUTPUT_PROJECTION_NAMES: tuple[str, ...] = (
+    "output.dense",
+    "o_proj",
+    "out_proj",
+    "to_out.0",
+    "o",
+    "dense",
+    "c_proj",
+    "o_proj.linear",
+)

@@ -7,13 +7,15 @@ import os
 import re
 import warnings
 from contextlib import contextmanager
-from typing import Optional
+from typing import Optional, Union
 
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 from .config import APTConfig
 from .constants import (
+    LANGUAGE_MODEL_INPUT_NORMS,
     OUTPUT_PROJECTION_NAMES,
     TRANSFORMERS_MODELS_TO_APT_INPUT_NORMS,
     TRANSFORMERS_MODELS_TO_APT_TARGET_MODULES_MAPPING,
@@ -57,19 +59,7 @@ class APTModel(BaseTuner):
 
     def _prepare_adapter_config(self, peft_config: APTConfig, model_config: dict) -> APTConfig:
         if peft_config.target_modules is None:
-            model_type = model_config.get("model_type")
-            if model_type not in self.target_module_mapping:
-                reason = TRANSFORMERS_MODELS_WITHOUT_APT_TARGET_MODULES.get(model_type)
-                because = f" ({reason})" if reason else ""
-                raise ValueError(
-                    f"APT has no default `target_modules` for model type {model_type!r}{because}. Pass the attention "
-                    "modules to adapt, by name or regex, e.g. `APTConfig(target_modules=['self_attn'])`: modules with "
-                    f"an output projection at one of {list(OUTPUT_PROJECTION_NAMES)}, or torch.nn.MultiheadAttention. "
-                    f"Model types with defaults: {sorted(self.target_module_mapping)}."
-                )
-            targets = self.target_module_mapping[model_type]
-            # a regex stays a string (peft 0.18 would split it into a set of characters)
-            peft_config.target_modules = targets if isinstance(targets, str) else set(targets)
+            peft_config.target_modules = default_target_modules(self.model, model_config.get("model_type"))
         if peft_config.multipliers is None:
             peft_config.multipliers = {}
         return peft_config
@@ -125,19 +115,13 @@ class APTModel(BaseTuner):
 
     def input_norm(self, attention_path: str) -> Optional[nn.Module]:
         """The norm layer whose output is the input X of the attention at `attention_path` (None: not known)."""
-        model_type = self.get_model_config(self.model).get("model_type")
-        norms = TRANSFORMERS_MODELS_TO_APT_INPUT_NORMS.get(model_type)
-        if norms is None:
-            return None
-        attention_name = attention_path.rpartition(".")[2]
-        candidates = norms.get(attention_name, norms.get("*", ()))
+        model_type, candidates = input_norm_candidates(self.model, attention_path)
         norm = find_input_norm(self.model, attention_path, candidates)
-        if norm is None:
-            if candidates:
-                warnings.warn(
-                    f"APT found none of the norms {list(candidates)} feeding '{attention_path}' ({model_type}); its "
-                    "prompts are calibrated for a LayerNorm-sized input instead."
-                )
+        if norm is None and candidates:
+            warnings.warn(
+                f"APT found none of the norms {list(candidates)} feeding '{attention_path}' ({model_type}); its "
+                "prompts are calibrated for a LayerNorm-sized input instead."
+            )
         return norm
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
@@ -203,6 +187,165 @@ class APTModel(BaseTuner):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+
+def find_language_model(model: nn.Module, holding: Optional[str] = None) -> Optional[tuple[str, nn.Module]]:
+    """
+    (path, module) of a vision-language model's language model: the outermost module named `language_model`, as
+    transformers names it, else, in a model type of transformers' `AutoModelForImageTextToText`, the module its
+    `get_decoder()` returns (Idefics3's `text_model`, BLIP's `text_decoder`, Git's whole model). None where there is
+    neither, or where the module has no config. With `holding`, a module path: the language model holding it, or None.
+    """
+    if holding is None:
+        modules = list(model.named_modules())
+    else:  # the modules on the way to `holding`, outermost first
+        parts = holding.split(".")
+        paths = [".".join(parts[:depth]) for depth in range(1, len(parts))]
+        modules = [("", model), *((path, _base_submodule(model, path)) for path in paths)]
+    found = next(((path, module) for path, module in modules if path.rpartition(".")[2] == "language_model"), None)
+    if (
+        found is None
+        and _model_type(model) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+        and callable(getattr(model, "get_decoder", None))
+    ):
+        decoder = model.get_decoder()
+        found = next(((path, module) for path, module in modules if module is decoder), None)
+    if found is None or not hasattr(found[1], "config"):
+        return None
+    return found
+
+
+def _model_type(model: nn.Module) -> Optional[str]:
+    """`config.model_type`, or for a diffusers model (its config has none) the class name, as `get_model_config`."""
+    return getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+
+
+def language_model_attentions(model: nn.Module) -> tuple[Optional[str], list[str]]:
+    """
+    The rule that finds APT's default targets in a vision-language model: (path of its language model, the paths of
+    the language model's attention modules). An attention is a module whose class is named as one ("...Attention")
+    with an output projection (`OUTPUT_PROJECTION_NAMES`) of the language model's hidden size; only the outermost of
+    nested ones counts. Sub-models of another config type inside the language model (Git's and Idefics' image
+    encoders) are skipped, and so is everything outside it: the vision tower and the projector are never matched.
+    """
+    found = find_language_model(model)
+    if found is None:
+        return None, []
+    path, language_model = found
+    config = language_model.config
+    hidden_size = getattr(config.get_text_config(), "hidden_size", None)
+    attentions: list[str] = []
+    skipped: list[str] = []
+    for name, module in language_model.named_modules():
+        if any(name.startswith(f"{outer}.") for outer in (*attentions, *skipped)):
+            continue
+        if isinstance(module, APTLayer):  # adapted already, by another adapter
+            module = module.get_base_layer()
+        own_type = getattr(getattr(module, "config", None), "model_type", config.model_type)
+        if own_type != config.model_type:
+            skipped.append(name)
+        elif "Attention" in type(module).__name__ and _output_size(module) == hidden_size:
+            attentions.append(name)
+    return path, [f"{path}.{name}" if path else name for name in attentions]
+
+
+def _output_size(attention: nn.Module) -> Optional[int]:
+    """The output size of `attention`'s output projection (None: it has none), from its declared sizes."""
+    projection_path = find_output_projection(attention)
+    if projection_path is None:
+        return None
+    projection = attention.get_submodule(projection_path)
+    if isinstance(projection, nn.MultiheadAttention):
+        return projection.embed_dim
+    return getattr(projection, "out_features", None) or getattr(projection, "nf", None)
+
+
+def default_target_modules(model: nn.Module, model_type: Optional[str]) -> Union[str, set[str]]:
+    """
+    APT's default `target_modules` for `model`: its type's entry in the table, else its language model's attention
+    modules (`language_model_attentions`) as a regex that matches exactly those, with block indices written `\\d+`
+    where that matches no other module. A ValueError saying what to pass where there are neither.
+    """
+    if model_type in TRANSFORMERS_MODELS_TO_APT_TARGET_MODULES_MAPPING:
+        targets = TRANSFORMERS_MODELS_TO_APT_TARGET_MODULES_MAPPING[model_type]
+        # a regex stays a string (peft 0.18 would split it into a set of characters)
+        return targets if isinstance(targets, str) else set(targets)
+    reason = TRANSFORMERS_MODELS_WITHOUT_APT_TARGET_MODULES.get(model_type)
+    language_model, attentions = (None, []) if reason else language_model_attentions(model)
+    if not attentions:
+        if reason:
+            because = f" ({reason})"
+        elif language_model is None:
+            because = (
+                " (a vision-language model whose language model APT cannot find: no module named `language_model`, "
+                "no `get_decoder()`)"
+                if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+                else ""
+            )
+        else:
+            because = (
+                f" (its language model '{language_model}' has no attention module with an output projection of its "
+                "hidden size)"
+            )
+        raise ValueError(
+            f"APT has no default `target_modules` for model type {model_type!r}{because}. Pass the attention "
+            "modules to adapt, by name or regex, e.g. `APTConfig(target_modules=['self_attn'])` or, in a "
+            "vision-language model, `APTConfig(target_modules=r'.*language_model.*\\.self_attn')`: modules with an "
+            f"output projection at one of {list(OUTPUT_PROJECTION_NAMES)}, or torch.nn.MultiheadAttention. Model "
+            f"types with defaults: {sorted(TRANSFORMERS_MODELS_TO_APT_TARGET_MODULES_MAPPING)} and vision-language "
+            "models."
+        )
+    return exact_regex(attentions, [path for path, _ in model.named_modules()])
+
+
+def exact_regex(paths: list[str], all_paths: list[str]) -> str:
+    """A regex that fully matches `paths` and no other of `all_paths`: per module list, `list\\.\\d+\\.(names)`,
+    or the indices themselves where `\\d+` would also match a module not in `paths` (a hybrid model's other mixers)."""
+    groups: dict[str, dict[str, list[str]]] = {}
+    patterns = []
+    for path in paths:
+        match = re.fullmatch(r"(.*?)\.(\d+)\.(.*)", path)
+        if match is None:  # not in a module list
+            patterns.append(re.escape(path))
+            continue
+        blocks, index, name = match.groups()
+        groups.setdefault(blocks, {}).setdefault(name, []).append(index)
+    for blocks, names in groups.items():
+        names_pattern = "|".join(re.escape(name) for name in names)
+        general = rf"{re.escape(blocks)}\.\d+\.{names_pattern if len(names) == 1 else f'({names_pattern})'}"
+        wanted = {path for path in paths if path.startswith(f"{blocks}.")}
+        if {path for path in all_paths if re.fullmatch(general, path)} == wanted:
+            patterns.append(general)
+        else:
+            patterns += [
+                rf"{re.escape(blocks)}\.({'|'.join(indexes)})\.{re.escape(name)}" for name, indexes in names.items()
+            ]
+    return "|".join(patterns)
+
+
+def input_norm_candidates(model: nn.Module, attention_path: str) -> tuple[Optional[str], tuple[str, ...]]:
+    """
+    (model type, candidates of `TRANSFORMERS_MODELS_TO_APT_INPUT_NORMS`) for the attention at `attention_path`: the
+    entry of the model's type; for a type without one, that of the innermost sub-model holding the attention with an
+    entry (the config type of a vision-language model's language model or vision tower), else, inside the language
+    model that `find_language_model` finds, `LANGUAGE_MODEL_INPUT_NORMS`. No candidates: X is calibrated as
+    LayerNorm-sized.
+    """
+    model_type = _model_type(model)
+    norms = TRANSFORMERS_MODELS_TO_APT_INPUT_NORMS.get(model_type)
+    parts = attention_path.split(".")
+    for depth in range(len(parts), 0, -1):
+        if norms is not None:
+            break
+        module = _base_submodule(model, ".".join(parts[:depth]))
+        model_type = getattr(getattr(module, "config", None), "model_type", None)
+        norms = TRANSFORMERS_MODELS_TO_APT_INPUT_NORMS.get(model_type)
+    if norms is None:
+        found = find_language_model(model, holding=attention_path)
+        if found is None:
+            return None, ()
+        model_type, norms = found[1].config.model_type, LANGUAGE_MODEL_INPUT_NORMS
+    return model_type, norms.get(attention_path.rpartition(".")[2], norms.get("*", ()))
 
 
 def find_input_norm(model: nn.Module, attention_path: str, candidates: tuple[str, ...]) -> Optional[nn.Module]:

@@ -187,6 +187,18 @@ def _speech(batch=2):
     return {"input_features": features, "decoder_input_ids": _decoder_ids(batch)}
 
 
+def _never_generating_image_tokens(build):
+    """A generated image placeholder would count as one more image token when fed back (generation without the cache
+    feeds the whole sequence again)."""
+
+    def built(*args):
+        model = build(*args)
+        model.generation_config.suppress_tokens = [IMAGE_TOKEN]
+        return model
+
+    return built
+
+
 def _text_with_image_tokens(num_image_tokens, batch=2):
     """Text whose first tokens are the image's placeholders, and the image."""
     inputs = _text(vocab=IMAGE_TOKEN, length=num_image_tokens + 5, batch=batch, mask=False)
@@ -550,7 +562,7 @@ FAMILIES = {
     "gemma3": Family(
         "gemma3",
         _seeded(
-            lambda: T.Gemma3ForConditionalGeneration(
+            lambda: _never_generating_image_tokens(T.Gemma3ForConditionalGeneration)(
                 T.Gemma3Config(
                     text_config=dict(hidden_size=32, head_dim=16, num_key_value_heads=1, vocab_size=99, **SMALL),
                     vision_config=VISION_TOWER,
@@ -560,17 +572,9 @@ FAMILIES = {
             )
         ),
         lambda: _text_with_image_tokens(4),
-        [
-            Layout(
-                [*_layers(f"model.vision_tower{tower}.encoder.layers.{{}}.self_attn"), *_layers(text)],
-                ["out_proj", "out_proj", "o_proj", "o_proj"],
-            )
-            for tower, text in [
-                ("", "model.language_model.layers.{}.self_attn"),  # newer transformers releases
-                (".vision_model", "model.language_model.layers.{}.self_attn"),
-            ]
-        ],
-        [48, 48, 32, 32],
+        # the language model only, as in every vision-language model: the SigLIP tower stays frozen
+        [Layout(_layers("model.language_model.layers.{}.self_attn"), "o_proj")],
+        32,
         task_type="CAUSAL_LM",
     ),
 }
@@ -584,3 +588,261 @@ MHA_FAMILY = Family(
     64,
     query_argument="query",
 )
+
+
+# Vision-language (image-text-to-text) models: a language model of width 32 and a vision tower of width 48 (so that a
+# vision module adapted by mistake would show in the shapes), two blocks each, images of 32 x 32 pixels. Each input
+# starts with as many image placeholders as the model makes image tokens from one image, then 5 text tokens.
+VLM_TEXT = dict(hidden_size=32, num_key_value_heads=1, vocab_size=99, **SMALL, **TOKENS)
+VLM_VISION = dict(hidden_size=48, image_size=32, patch_size=8, **SMALL)
+# Qwen-VL: 4 x 4 patches of 4 x 4 pixels over 2 frames, merged 2 x 2 into 4 image tokens; multimodal rotary sections
+# of head_dim / 2 = 8
+QWEN_GRID = torch.tensor([[1, 4, 4], [1, 4, 4]])
+QWEN_ROPE = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}
+QWEN_VISION = dict(depth=2, num_heads=2, patch_size=4, spatial_merge_size=2, temporal_patch_size=2)
+# BLIP-2 and InstructBLIP: a 4-query Q-Former over the vision tower, and OPT as the language model
+BLIP_QFORMER = dict(hidden_size=32, encoder_hidden_size=48, vocab_size=99, **SMALL)
+BLIP_OPT = dict(model_type="opt", hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=37, vocab_size=99)
+
+
+def _image_prompts(num_image_tokens: int, **image_inputs) -> Callable[[], dict]:
+    def inputs():
+        text = _text_with_image_tokens(num_image_tokens)
+        return {"input_ids": text["input_ids"], **image_inputs}
+
+    return inputs
+
+
+def _images(*shape) -> torch.Tensor:
+    return torch.randn(2, *shape, generator=torch.Generator().manual_seed(2))
+
+
+def _qwen_inputs() -> dict:
+    input_ids = _text_with_image_tokens(4)["input_ids"]
+    return {
+        "input_ids": input_ids,
+        "pixel_values": torch.randn(32, 3 * 2 * 4 * 4, generator=torch.Generator().manual_seed(2)),
+        "image_grid_thw": QWEN_GRID,
+        "mm_token_type_ids": (input_ids == IMAGE_TOKEN).long(),
+    }
+
+
+def _mllama_inputs() -> dict:
+    """One image token; the text cross-attends to the image's one tile."""
+    input_ids = _text_with_image_tokens(1)["input_ids"]
+    return {
+        "input_ids": input_ids,
+        "pixel_values": _images(1, 1, 3, 32, 32),
+        "aspect_ratio_ids": torch.ones(2, 1, dtype=torch.long),
+        "aspect_ratio_mask": torch.ones(2, 1, 1, dtype=torch.long),
+        "cross_attention_mask": torch.ones(2, input_ids.shape[1], 1, 1, dtype=torch.long),
+    }
+
+
+def _vlm(name, build, inputs, language_model="model.language_model.layers.{}.{}", kinds=("self_attn",) * 2, **layout):
+    return Family(
+        name,
+        _seeded(_never_generating_image_tokens(build)),
+        inputs,
+        [Layout([language_model.format(i, kind) for i, kind in enumerate(kinds)], layout.get("projection", "o_proj"))],
+        32,
+        task_type="CAUSAL_LM",
+    )
+
+
+VLM_FAMILIES = {
+    family.name: family
+    for family in [
+        _vlm(
+            "llava",
+            lambda: T.LlavaForConditionalGeneration(
+                T.LlavaConfig(
+                    text_config=dict(model_type="llama", **VLM_TEXT),
+                    vision_config=dict(model_type="clip_vision_model", **VLM_VISION),
+                    image_token_index=IMAGE_TOKEN,
+                )
+            ),
+            _image_prompts(16, pixel_values=_images(3, 32, 32)),  # 16 patches (the CLS token is dropped)
+        ),
+        *(
+            _vlm(
+                name,
+                lambda config=config, model=model, text=text, vision=vision: model(
+                    config(
+                        text_config=dict(model_type=text, **VLM_TEXT),
+                        vision_config=dict(model_type=vision, **VLM_VISION),
+                        image_token_index=IMAGE_TOKEN,
+                        image_grid_pinpoints=[[32, 32]],
+                    )
+                ),
+                # the whole image's 16 patches, one 32 x 32 crop's 16 and a newline after each of 4 rows
+                _image_prompts(36, pixel_values=_images(2, 3, 32, 32), image_sizes=torch.tensor([[32, 32]] * 2)),
+            )
+            for name, config, model, text, vision in [
+                ("llava_next", T.LlavaNextConfig, T.LlavaNextForConditionalGeneration, "llama", "clip_vision_model"),
+                (
+                    "llava_onevision",
+                    T.LlavaOnevisionConfig,
+                    T.LlavaOnevisionForConditionalGeneration,
+                    "qwen2",
+                    "siglip_vision_model",
+                ),
+            ]
+        ),
+        _vlm(
+            "qwen2_vl",
+            lambda: T.Qwen2VLForConditionalGeneration(
+                T.Qwen2VLConfig(
+                    text_config=dict(model_type="qwen2_vl_text", rope_parameters=QWEN_ROPE, **VLM_TEXT),
+                    vision_config=dict(embed_dim=48, hidden_size=32, mlp_ratio=2, **QWEN_VISION),
+                    image_token_id=IMAGE_TOKEN,
+                )
+            ),
+            _qwen_inputs,
+        ),
+        _vlm(
+            "qwen2_5_vl",
+            lambda: T.Qwen2_5_VLForConditionalGeneration(
+                T.Qwen2_5_VLConfig(
+                    text_config=dict(model_type="qwen2_5_vl_text", rope_parameters=QWEN_ROPE, **VLM_TEXT),
+                    vision_config=dict(
+                        hidden_size=48,
+                        out_hidden_size=32,
+                        intermediate_size=37,
+                        window_size=16,
+                        fullatt_block_indexes=[1],
+                        **QWEN_VISION,
+                    ),
+                    image_token_id=IMAGE_TOKEN,
+                )
+            ),
+            _qwen_inputs,
+        ),
+        _vlm(
+            "qwen3_vl",
+            lambda: T.Qwen3VLForConditionalGeneration(
+                T.Qwen3VLConfig(
+                    text_config=dict(
+                        model_type="qwen3_vl_text",
+                        head_dim=16,
+                        rope_parameters={**QWEN_ROPE, "mrope_interleaved": True},
+                        **VLM_TEXT,
+                    ),
+                    vision_config=dict(
+                        hidden_size=48,
+                        out_hidden_size=32,
+                        intermediate_size=37,
+                        num_position_embeddings=16,
+                        deepstack_visual_indexes=[1],
+                        **QWEN_VISION,
+                    ),
+                    image_token_id=IMAGE_TOKEN,
+                )
+            ),
+            _qwen_inputs,
+        ),
+        _vlm(
+            "paligemma",
+            lambda: T.PaliGemmaForConditionalGeneration(
+                T.PaliGemmaConfig(
+                    text_config=dict(model_type="gemma", head_dim=16, **VLM_TEXT),
+                    vision_config=dict(model_type="siglip_vision_model", projection_dim=32, **VLM_VISION),
+                    image_token_index=IMAGE_TOKEN,
+                    projection_dim=32,
+                )
+            ),
+            _image_prompts(16, pixel_values=_images(3, 32, 32)),
+        ),
+        *(
+            _vlm(
+                name,
+                lambda config=config, model=model: model(
+                    config(
+                        text_config=dict(model_type="llama", **VLM_TEXT),
+                        vision_config=VLM_VISION,
+                        image_token_id=IMAGE_TOKEN,
+                        scale_factor=2,
+                    )
+                ),
+                _image_prompts(4, pixel_values=_images(1, 3, 32, 32)),  # 16 patches, shuffled 2 x 2 into 4
+                language_model="model.text_model.layers.{}.{}",
+            )
+            for name, config, model in [
+                ("idefics3", T.Idefics3Config, T.Idefics3ForConditionalGeneration),
+                ("smolvlm", T.SmolVLMConfig, T.SmolVLMForConditionalGeneration),
+            ]
+        ),
+        _vlm(
+            "mllama",
+            lambda: T.MllamaForConditionalGeneration(
+                T.MllamaConfig(
+                    text_config=dict(cross_attention_layers=[1], **VLM_TEXT),
+                    vision_config=dict(
+                        num_global_layers=1,
+                        max_num_tiles=1,
+                        supported_aspect_ratios=[[1, 1]],
+                        intermediate_layers_indices=[0],
+                        vision_output_dim=96,  # the last layer's and one intermediate layer's features
+                        **VLM_VISION,
+                    ),
+                    image_token_index=IMAGE_TOKEN,
+                )
+            ),
+            _mllama_inputs,
+            kinds=("self_attn", "cross_attn"),  # its second block attends to the image
+        ),
+        *(
+            _vlm(
+                name,
+                lambda config=config, model=model: model(
+                    config(
+                        text_config={**BLIP_OPT, **TOKENS},
+                        vision_config=VLM_VISION,
+                        qformer_config=BLIP_QFORMER,
+                        num_query_tokens=4,
+                        image_token_index=IMAGE_TOKEN,
+                    )
+                ),
+                _image_prompts(4, pixel_values=_images(3, 32, 32), **extra),  # one token per query
+                language_model="language_model.model.decoder.layers.{}.{}",
+                projection="out_proj",
+            )
+            for name, config, model, extra in [
+                ("blip-2", T.Blip2Config, T.Blip2ForConditionalGeneration, {}),
+                (
+                    "instructblip",
+                    T.InstructBlipConfig,
+                    T.InstructBlipForConditionalGeneration,
+                    {"qformer_input_ids": _text(length=5, mask=False)["input_ids"]},
+                ),
+            ]
+        ),
+        _vlm(
+            "mistral3",
+            lambda: T.Mistral3ForConditionalGeneration(
+                T.Mistral3Config(
+                    text_config=dict(model_type="mistral", head_dim=16, **VLM_TEXT),
+                    vision_config=dict(model_type="pixtral", head_dim=24, **VLM_VISION),
+                    image_token_index=IMAGE_TOKEN,
+                    spatial_merge_size=2,
+                )
+            ),
+            # 4 x 4 patches merged 2 x 2
+            _image_prompts(4, pixel_values=_images(3, 32, 32), image_sizes=torch.tensor([[32, 32]] * 2)),
+        ),
+        _vlm(
+            "internvl",
+            lambda: T.InternVLForConditionalGeneration(
+                T.InternVLConfig(
+                    text_config=dict(model_type="qwen2", **VLM_TEXT),
+                    vision_config=dict(
+                        model_type="internvl_vision", **{**VLM_VISION, "image_size": [32, 32], "patch_size": [8, 8]}
+                    ),
+                    image_token_id=IMAGE_TOKEN,
+                    downsample_ratio=0.5,
+                )
+            ),
+            _image_prompts(4, pixel_values=_images(3, 32, 32)),  # 4 x 4 patches shuffled into 2 x 2
+        ),
+    ]
+}

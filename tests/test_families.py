@@ -197,7 +197,7 @@ def test_conv1d_output_projection_takes_d_from_its_declared_size():
         torch.testing.assert_close(model(X), reference(X), rtol=1e-4, atol=1e-5)
 
 
-def test_llama4_adapts_both_towers():
+def test_llama4_adapts_its_language_model_and_the_vision_tower_when_named():
     """Placement only: `Llama4ForConditionalGeneration.forward` itself fails in transformers 5.24 (it reads
     `image_outputs` from its language model's output), so the formula is checked on `llama4_text`."""
     text = dict(hidden_size=32, num_key_value_heads=1, head_dim=16, vocab_size=99, num_local_experts=2)
@@ -207,8 +207,14 @@ def test_llama4_adapts_both_towers():
         vision_config={**vision, "num_hidden_layers": 2, "num_attention_heads": 2},
         pad_token_id=0,
     )
-    model = get_peft_model(T.Llama4ForConditionalGeneration(config), APTConfig(num_prompts=P, r=R))
-    towers = [f"{tower}.model.layers.{i}.self_attn" for tower in ("vision_model", "language_model") for i in range(2)]
+    language_model = [f"language_model.model.layers.{i}.self_attn" for i in range(2)]
+    default = get_peft_model(T.Llama4ForConditionalGeneration(config), APTConfig(num_prompts=P, r=R))
+    assert sorted(adapted_paths(default)) == language_model
+    # both towers by name, as the default was before vision-language models followed the language-model rule
+    model = get_peft_model(
+        T.Llama4ForConditionalGeneration(config), APTConfig(num_prompts=P, r=R, target_modules=["self_attn"])
+    )
+    towers = [*(f"vision_model.model.layers.{i}.self_attn" for i in range(2)), *language_model]
     assert sorted(adapted_paths(model)) == sorted(towers)
     for path in towers:  # each calibrated on its block's own pre-attention norm
         block = model.base_model.model.get_submodule(path.rpartition(".")[0])

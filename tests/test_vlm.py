@@ -1,0 +1,149 @@
+"""Vision-language models, as tests/test_families.py checks every family: on tiny random models of each, the defaults
+adapt one attention per language-model block and nothing in the vision tower or projector, the output equals the
+independent reference of the formula, `disable_adapter()` gives the base output, save/load round trips are exact,
+`generate` with images gives the same tokens with and without the KV cache, a mixed-adapter batch with images gives
+each sample its own adapter's output, and the default init's term is its target fraction of X. One adapted model per
+family is shared by the checks that do not change it."""
+
+import copy
+import json
+
+import pytest
+import torch
+from families import FAMILIES, VLM_FAMILIES
+from peft import PeftModel, get_peft_model
+from reference import adapter_tensors, initial_term_ratios, randomise_adapter, reference_hooks, run
+from safetensors import safe_open
+from test_decoders import generate
+from test_families import P, R, adapted_paths, give_norms_random_gains
+from test_serving import assert_each_sample_uses_its_adapter, with_two_adapters
+
+from peft_apt import APTConfig
+from peft_apt.layer import INITIAL_TERM_RATIO
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+VLMS = list(VLM_FAMILIES.values())
+
+
+@pytest.fixture(scope="module", params=VLMS, ids=lambda family: family.name)
+def adapted(request):
+    """(family, model with a randomised default adapter, untouched copy of its base, the family's inputs)."""
+    family = request.param
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    base = family.build()
+    reference = copy.deepcopy(base).requires_grad_(False)
+    model = get_peft_model(base, APTConfig(num_prompts=P, r=R, task_type=family.task_type))
+    randomise_adapter(model)
+    yield family, model.eval(), reference, family.inputs()
+    torch.set_num_threads(threads)
+
+
+def test_defaults_adapt_each_language_model_block_once_and_nothing_else(adapted):
+    family, model, reference, _ = adapted
+    assert adapted_paths(model) == family.attention_paths  # blocks 0 and 1 of the language model
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters() if p.requires_grad}
+    assert shapes == {
+        f"base_model.model.{path}.{name}.default": shape
+        for path in family.attention_paths
+        for name, shape in (("apt_prompt", (P, 32)), ("apt_W1", (32, R)), ("apt_W2", (R, 32)), ("apt_s", (1,)))
+    }
+
+
+def test_output_matches_independent_reference(adapted):
+    family, model, reference, inputs = adapted
+    with torch.no_grad():
+        got = run(model, inputs)
+        base = run(reference, inputs)
+        with reference_hooks(reference, family, adapter_tensors(model, family.attention_paths)):
+            want = run(reference, inputs)
+    assert len(got) == len(want) > 0
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert (got[0] - base[0]).abs().max() > 1e-2  # the adapter really moves the output
+
+
+def test_disabled_adapter_gives_the_base_output_exactly(adapted):
+    _, model, reference, inputs = adapted
+    with torch.no_grad():
+        with model.disable_adapter():
+            disabled = run(model, inputs)
+        base = run(reference, inputs)
+    assert all(torch.equal(a, b) for a, b in zip(disabled, base))
+
+
+def test_save_load_round_trip_is_exact(adapted, tmp_path):
+    family, model, reference, inputs = adapted
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    with safe_open(tmp_path / "adapter_model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert keys == {
+        f"base_model.model.{path}.{name}"
+        for path in family.attention_paths
+        for name in ("apt_prompt", "apt_W1", "apt_W2", "apt_s")
+    }
+    loaded = PeftModel.from_pretrained(copy.deepcopy(reference), tmp_path).eval()
+    assert adapted_paths(loaded) == family.attention_paths
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(run(loaded, inputs), run(model, inputs)))
+    assert isinstance(config["target_modules"], str)  # the rule's regex, saved explicitly
+
+
+def test_generate_with_images_and_kv_cache_equals_without(adapted):
+    family, model, _, _ = adapted
+    with torch.no_grad():
+        cached, cached_scores = generate(model, family, use_cache=True)
+        uncached, uncached_scores = generate(model, family, use_cache=False)
+        with model.disable_adapter():
+            _, base_scores = generate(model, family, use_cache=True)
+    assert torch.equal(cached, uncached)
+    torch.testing.assert_close(cached_scores, uncached_scores, rtol=1e-4, atol=1e-4)
+    finite = cached_scores.isfinite()
+    assert (cached_scores - base_scores)[finite].abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("family", VLMS, ids=lambda family: family.name)
+def test_mixed_adapter_batch_with_images_gives_each_sample_its_own_adapter(family):
+    model = with_two_adapters(family)
+    assert_each_sample_uses_its_adapter(model, family.inputs(), ["first", "second"])
+    assert_each_sample_uses_its_adapter(model, family.inputs(), ["second", "__base__"])
+
+
+@pytest.mark.parametrize("family", VLMS, ids=lambda family: family.name)
+def test_default_init_term_is_its_target_fraction_of_the_input(family):
+    """As for every family: calibrated on the norm feeding each language-model attention, whatever its gains."""
+    base = family.build()
+    give_norms_random_gains(base)
+    model = get_peft_model(base, APTConfig(num_prompts=200, r=R)).eval()
+    ratios = initial_term_ratios(model, family, lambda: run(model, family.inputs()))
+    assert sorted(ratios) == sorted(family.attention_paths)
+    misses = {path: ratio / INITIAL_TERM_RATIO for path, ratio in ratios.items()}
+    assert all(0.5 < miss < 2 for miss in misses.values()), misses
+
+
+def test_an_adapter_saved_with_both_towers_loads_as_before(tmp_path):
+    """Gemma 3's default adapted the vision tower too; such adapters name their targets and load unchanged."""
+    family = FAMILIES["gemma3"]
+    base = family.build()
+    reference = copy.deepcopy(base)
+    model = get_peft_model(base, APTConfig(num_prompts=P, r=R, target_modules=["self_attn"]))
+    randomise_adapter(model)
+    towers = [*(f"model.vision_tower.encoder.layers.{i}.self_attn" for i in range(2)), *family.attention_paths]
+    assert sorted(adapted_paths(model)) == sorted(towers)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(reference, tmp_path).eval()
+    assert sorted(adapted_paths(loaded)) == sorted(towers)
+    inputs = family.inputs()
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(run(loaded, inputs), run(model.eval(), inputs)))
+
+
+def test_a_vision_language_model_without_a_language_model_names_its_type():
+    """A model type of `AutoModelForImageTextToText` whose language model the rule cannot find: the error says so."""
+    llava = VLM_FAMILIES["llava"].build()
+    llava.model.text_stack = llava.model.language_model  # renamed: no `language_model`, and no `get_decoder()`
+    del llava.model.language_model
+    llava.get_decoder = None
+    with pytest.raises(ValueError, match=r"model type 'llava' \(a vision-language model whose language model"):
+        get_peft_model(llava, APTConfig(num_prompts=P))
