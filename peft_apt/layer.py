@@ -93,12 +93,16 @@ def calibrated_prompt_scale(
     whose norms shrink X it barely acts. P is isotropic and K = P at init, so the term's size depends on p, d and
     ||X|| alone: fixed Gaussian draws of that norm measure it without data and the cube root gives the scale.
     """
+    # on the CPU whatever device a model is being built on (`with torch.device("meta")` included)
+    cpu = torch.device("cpu")
     generator = torch.Generator().manual_seed(0)
-    probes = torch.randn(256, hidden_size, generator=generator)
+    probes = torch.randn(256, hidden_size, generator=generator, device=cpu)
     probes *= (input_size or math.sqrt(hidden_size)) / probes.norm(dim=-1, keepdim=True)
-    prompts = 0.02 * torch.randn(num_prompts, hidden_size, generator=generator)
-    no_rank = torch.zeros(hidden_size, 0)
-    term = approximated_prompt_output(torch.zeros_like(probes), probes, prompts, no_rank, no_rank.T, torch.zeros(1))
+    prompts = 0.02 * torch.randn(num_prompts, hidden_size, generator=generator, device=cpu)
+    no_rank = torch.zeros(hidden_size, 0, device=cpu)
+    term = approximated_prompt_output(
+        torch.zeros_like(probes), probes, prompts, no_rank, no_rank.T, torch.zeros(1, device=cpu)
+    )
     ratio = (term.norm(dim=-1) / probes.norm(dim=-1)).mean().item()
     return (target / ratio) ** (1 / 3)
 
@@ -118,7 +122,7 @@ def normalised_input_size(norm: Optional[nn.Module], hidden_size: int) -> Option
         or any(full_shape(w)[-1] != hidden_size for w in weights)
     ):
         return None  # no norm, its weights not loaded yet, or a norm before a projection to d (ELECTRA's embeddings)
-    probes = torch.randn(256, hidden_size, generator=torch.Generator().manual_seed(0))
+    probes = torch.randn(256, hidden_size, generator=torch.Generator().manual_seed(0), device="cpu")
     like = weights[0] if weights else probes
     with _gathered(weights):
         return norm(probes.to(like.device, like.dtype)).float().norm(dim=-1).mean().item()

@@ -250,6 +250,18 @@ def test_low_cpu_mem_usage_loading_keeps_the_multiplier(tmp_path):
     assert torch.equal(loaded_layer.apt_prompt["default"], layer.apt_prompt["default"])
 
 
+def test_a_model_built_on_the_meta_device_gets_the_default_multipliers_and_runs():
+    """Built under `torch.device("meta")` (FLOP counting, big models materialised later), the calibration's probes
+    stay on the CPU: the recorded multipliers are those of a CPU model with the same LayerNorm weights."""
+    config = Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, use_mask_token=False)
+    on_cpu = get_peft_model(Dinov2Model(config), APTConfig())
+    with torch.device("meta"):
+        on_meta = get_peft_model(Dinov2Model(config), APTConfig())
+        output = on_meta(pixel_values=torch.zeros(1, 3, 28, 28)).last_hidden_state
+    assert output.is_meta and output.shape == (1, 5, 64)
+    assert on_meta.peft_config["default"].multipliers == on_cpu.peft_config["default"].multipliers
+
+
 def prompt_term_change_after_adam(steps: int, old_parametrisation: bool = False, lr: float = 3e-3) -> float:
     """||term after - term before|| / ||term before|| after `steps` Adam steps at `lr` on a fixed random readout."""
     model, hidden = pretrained_like_attention()
