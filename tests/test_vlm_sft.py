@@ -35,8 +35,6 @@ TINY_RUN = [
     "2",
     "--disable_tqdm",
     "true",
-    "--target_modules",
-    r".*language_model.*\.self_attn",
 ]
 
 
