@@ -37,7 +37,8 @@ class APTConfig(PeftConfig):
             The attention modules to adapt: a list of module names (a name matches a module whose path ends with
             it) or a regex that must match the whole path. APT adapts whole attention modules, such as ViLT's
             `attention`, CLIP's `self_attn`, or any `torch.nn.MultiheadAttention`; never a single projection. When
-            `None`, the defaults for the model type are used (see `TRANSFORMERS_MODELS_TO_APT_TARGET_MODULES_MAPPING`).
+            `None`, the defaults for the model type are used (see `TRANSFORMERS_MODELS_TO_APT_TARGET_MODULES_MAPPING`;
+            a vision-language model without an entry gets its language model's attention modules).
             Where a name matches nested modules, only the outermost one is adapted.
         exclude_modules (`Optional[Union[list[str], str]]`):
             Module names or a regex of modules not to adapt.
