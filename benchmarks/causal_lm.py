@@ -136,7 +136,8 @@ def frozen_perplexity(tiny: bool, block_size: int, train_blocks: int, eval_block
 
 
 def added_forward_flops(model, block: torch.Tensor) -> int:
-    """Forward FLOPs the adapter adds on one block (prompt and prefix tuning: their virtual tokens included)."""
+    """Forward FLOPs the adapter adds on one block (prompt and prefix tuning: their virtual tokens included), counted
+    with eager attention: the counter does not see inside fused attention kernels, where prefix tuning adds its work."""
 
     def flops(adapted: bool) -> int:
         with FlopCounterMode(display=False) as counter, torch.no_grad():
@@ -145,8 +146,11 @@ def added_forward_flops(model, block: torch.Tensor) -> int:
         return counter.get_total_flops()
 
     trainable = {parameter: parameter.requires_grad for parameter in model.parameters()}
+    attention = model.get_base_model().config._attn_implementation
+    model.get_base_model().set_attn_implementation("eager")
     try:
         return flops(True) - flops(False)
     finally:  # re-enabling an adapter makes all its tensors trainable again (PEFT's `set_adapter`)
+        model.get_base_model().set_attn_implementation(attention)
         for parameter, flag in trainable.items():
             parameter.requires_grad_(flag)

@@ -134,8 +134,9 @@ def step_time_ratios(task: Task, tasks: list[Task]) -> dict[str, float]:
     """{method folder: training step / head-only's} from the cost-task results measured on this task's model."""
     ratios = {}
     for result in (result for other in tasks for result in other.results):
-        if result["run_info"]["train_params"].get("model") == task.params["model"]:
-            ratios.update(result["train_info"]["metrics"].get("step_time_ratio", {}))
+        measured = result["train_info"]["metrics"].get("step_time_ratio")
+        if result["run_info"]["train_params"].get("model") == task.params["model"] and isinstance(measured, dict):
+            ratios.update(measured)
     return ratios
 
 
@@ -145,20 +146,25 @@ def best_table(task: Task, results: list[dict], tasks: list[Task]) -> list[str]:
     labels = sorted({label for table in per_dataset.values() for label in table})
     ratios = step_time_ratios(task, tasks)
     metric = f"{task.trainer.METRIC}{' %' if task.trainer.METRIC_SCALE == 100 else ''}"
-    header = [f"{dataset or metric} (best lr)" for dataset in per_dataset]
+    header = [f"{dataset or metric} at the best lr" for dataset in per_dataset]
     lines = [f"| method | {' | '.join(header)} | trainable params | adapter MB | added GFLOPs | step vs head-only |"]
     lines.append("|---|" + "---:|" * (len(header) + 4))
     for label in labels:
         cells = []
         for table in per_dataset.values():
             by_lr = table.get(label)
-            cells.append(f"{task.cell(by_lr[task.best_lr(by_lr)])} ({task.best_lr(by_lr):g})" if by_lr else "")
+            cells.append(with_lr(task.cell(by_lr[task.best_lr(by_lr)]), task.best_lr(by_lr)) if by_lr else "")
         info = first(results, label)["train_info"]
         flops = f"{info['added_forward_flops'] / 1e9:.3g}" if info["added_forward_flops"] is not None else ""
         ratio = ratios.get(label.split("/")[0])
         lines.append(f"| {label} | {' | '.join(cells)} | {info['trainable_params']:,} | {adapter_mb(results, label)} | "
                      f"{flops} | {f'{ratio:.2f}x' if ratio else ''} |")  # fmt: skip
     return lines
+
+
+def with_lr(cell: str, lr: float) -> str:
+    """`86.3 ± 3.5` -> `86.3 ± 3.5 (lr 0.01)`; `32.8 (n=1)` -> `32.8 (n=1, lr 0.01)`."""
+    return f"{cell[:-1]}, lr {lr:g})" if cell.endswith(")") else f"{cell} (lr {lr:g})"
 
 
 def lr_table(task: Task, table: dict[str, dict[float, list[float]]], cell=None) -> list[str]:
@@ -250,7 +256,8 @@ def front_page_section(task: Task, tasks: list[Task]) -> list[str]:
 def front_page_tasks(tasks: list[Task]) -> list[Task]:
     """The tasks with results and not kept off the front page, images first, then by budget."""
     shown = [task for task in tasks if task.params.get("front_page", True) and task.results]
-    return sorted(shown, key=lambda task: (task.params["trainer"] != "image_classification", task.steps))
+    return sorted(shown, key=lambda task: (task.params["trainer"] != "image_classification", task.params["trainer"],
+                                           task.steps))  # fmt: skip
 
 
 def front_page(tasks: list[Task]) -> str:
