@@ -343,7 +343,7 @@ def study_of(result: dict) -> str | None:
 def trails_table(tasks: list[Task]) -> list[str]:
     """README's short table: APT, LoRA, deep prompt and head-only (or the frozen model) at their best rates."""
     lines = ["| setting | budget | APT | LoRA | deep prompt | head-only / frozen |", "|---|---|---:|---:|---:|---:|"]
-    for task in front_page_tasks(tasks):
+    for task in (task for task in front_page_tasks(tasks) if not hasattr(task.trainer, "summary")):
         main = [r for r in task.results if is_main(r)]
         for dataset in datasets_of(task):
             table = sweeps(task, main, dataset)
@@ -352,7 +352,7 @@ def trails_table(tasks: list[Task]) -> list[str]:
             cells = [best_mean(task, table[label]) if label in table else "" for label in labels]
             frozen = main[0]["train_info"]["metrics"].get("frozen_perplexity")
             cells[-1] = cells[-1] or (f"{frozen:.2f} (frozen)" if frozen else "")
-            setting = f"{task.params['model']}, {dataset or task.trainer.METRIC}"
+            setting = f"{task.name}{', ' + dataset if dataset else ''}"
             link = f"benchmarks/tasks/{task.name}/RESULTS.md"
             lines.append(f"| [{setting}]({link}) | {task.steps} steps | " + " | ".join(cells) + " |")
     return lines
