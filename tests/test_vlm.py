@@ -10,7 +10,8 @@ import json
 
 import pytest
 import torch
-from families import FAMILIES, VLM_FAMILIES
+import transformers as T
+from families import BLIP_QFORMER, FAMILIES, IMAGE_TOKEN, TOKENS, VLM_FAMILIES, VLM_VISION
 from peft import PeftModel, get_peft_model
 from reference import adapter_tensors, initial_term_ratios, randomise_adapter, reference_hooks, run
 from safetensors import safe_open
@@ -120,6 +121,33 @@ def test_default_init_term_is_its_target_fraction_of_the_input(family):
     assert sorted(ratios) == sorted(family.attention_paths)
     misses = {path: ratio / INITIAL_TERM_RATIO for path, ratio in ratios.items()}
     assert all(0.5 < miss < 2 for miss in misses.values()), misses
+
+
+def test_blip2_with_a_t5_language_model_adapts_the_t5_attentions():
+    """BLIP-2's language model is OPT or T5 by checkpoint: with T5, the encoder's self-attention and the decoder's self-
+    and cross-attention, each calibrated on the norm of its own sub-layer. Placement only: the formula is checked on
+    T5 itself."""
+    t5 = dict(model_type="t5", d_model=32, d_kv=16, d_ff=37, num_layers=2, num_heads=2, vocab_size=99, **TOKENS)
+    config = T.Blip2Config(
+        text_config={**t5, "decoder_start_token_id": 0},
+        vision_config=VLM_VISION,
+        qformer_config=BLIP_QFORMER,
+        num_query_tokens=4,
+        image_token_index=IMAGE_TOKEN,
+    )
+    model = get_peft_model(T.Blip2ForConditionalGeneration(config), APTConfig(num_prompts=P, r=R))
+    sub_layers = [
+        *(f"encoder.block.{i}.layer.0.SelfAttention" for i in range(2)),
+        *(
+            f"decoder.block.{i}.layer.{j}.{kind}"
+            for i in range(2)
+            for j, kind in enumerate(["SelfAttention", "EncDecAttention"])
+        ),
+    ]
+    assert adapted_paths(model) == [f"language_model.{path}" for path in sub_layers]
+    for path in adapted_paths(model):
+        norm = model.base_model.model.get_submodule(f"{path.rpartition('.')[0]}.layer_norm")
+        assert model.base_model.input_norm(path) is norm
 
 
 def test_an_adapter_saved_with_both_towers_loads_as_before(tmp_path):
