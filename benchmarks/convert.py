@@ -1,10 +1,11 @@
 """Turn JSON-lines records of the earlier benchmark scripts into result files of the tasks (idempotent).
 
-`python -m benchmarks.convert FILE.jsonl [...]` (default: every `benchmarks/results/**/*.jsonl`). A record goes to the
-task whose `default_training_params.json` has its setup, into the experiment of its method and learning rate, created
-from `LEGACY_METHODS` if missing. APT records made by another parametrisation than the installed one get experiments
-of their own (`-parametrisation-v<N>`), which the runner does not rerun. `--check RESULTS.md` compares the figures of
-a results page in the earlier format (every table with `lr` columns or a best-lr column) with the converted results.
+`python -m benchmarks.convert FILE.jsonl [...]`. A record (`python -m benchmarks.quality` or `causal_lm_quality`)
+goes to the task whose `default_training_params.json` has its setup, into the experiment of its method and learning
+rate; a missing experiment folder is copied from another task's experiment of the same method. Records of a setup no
+task has are counted and left alone. `--check PAGE` compares every figure of a results page in the earlier format
+(tables with `lr` columns, best-lr columns, trainable parameters, added MFLOPs, training losses, feature statistics)
+with the converted results.
 """
 
 from __future__ import annotations
@@ -14,96 +15,41 @@ import copy
 import functools
 import json
 import re
+import shutil
 import statistics
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
-
-from peft_apt import APTConfig, APTLayer
+from peft import get_peft_model
 
 from . import report
 from .records import make_result, result_name, write_result
 from .run import load_experiment
 
-BENCHMARKS = Path(__file__).resolve().parent
-TASKS = BENCHMARKS / "tasks"
+TASKS = Path(__file__).resolve().parent / "tasks"
 IMAGE_SETUP = {"size": 0, "n_train": 0, "n_test": 0, "adapted_layers": 0, "epochs": 0, "batch_size": 0,
                "warmup_ratio": 0.0, "weight_decay": 0.0}  # fmt: skip
 TEXT_SETUP = {"block_size": 0, "steps": 0, "batch_size": 0, "eval_blocks": 0}
-CURRENT_APT_KEY = "b8886981146f"  # the causal-LM records' key of APTConfig() at the installed parametrisation
-APT_KEY_VERSIONS = {"34e6a7e2d047": 1, "d0457ea65ccd": 0}
-NOT_S = [name for name in APTLayer.adapter_layer_names if name != "apt_s"]
-
-
-def _lora(r, targets, causal=False):
-    alpha = 2 * r
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, **_causal(causal))
-
-
-def _causal(causal):
-    return {"task_type": "CAUSAL_LM"} if causal else {}
-
-
-def _ablation(study, **change):
-    return {"design_study": study, "init_ablation": change}
-
-
-# earlier method name -> (experiment name without the lr, PEFT config or None, training parameters)
-LEGACY_METHODS = {
-    "head-only": ("head-only/", None, {"baseline": "head-only"}),
-    "full": ("full/", None, {"baseline": "full"}),
-    "LoRA r=4": ("lora/r4-qv", _lora(4, ["q_proj", "v_proj"]), {}),
-    "LoRA r=4 (q only)": ("lora/r4-q", _lora(4, ["q_proj"]), {"design_study": "which change short runs reward"}),
-    "LoRA r=4 (v only)": ("lora/r4-v", _lora(4, ["v_proj"]), {"design_study": "which change short runs reward"}),
-    "deep prompt p=10": ("deep-prompt/p10", None, {"baseline": "deep-prompt", "num_prompts": 10}),
-    "deep prompt p=50": ("deep-prompt/p50", None, {"baseline": "deep-prompt", "num_prompts": 50}),
-    "APT p=50": ("apt/p50", APTConfig(num_prompts=50, r=4), {}),
-    "APT p=200": ("apt/p200", APTConfig(num_prompts=200, r=4), {}),
-    "APT p=200, reference optimiser": ("apt/p200-reference-optimiser", APTConfig(), {"optimiser": "reference",
-                                       "design_study": "optimiser"}),  # fmt: skip
-    "APT p=200 fixed s": ("apt/p200-fixed-s", APTConfig(), {"train_only": NOT_S,
-                          "design_study": "which change short runs reward"}),  # fmt: skip
-    "APT p=50 reference init": ("apt/p50-reference-init", APTConfig(num_prompts=50, init_weights="reference"),
-                                {"design_study": "initialisation"}),  # fmt: skip
-    "APT p=50 W1 var 1/d": ("apt/p50-w1-var-1-over-d", APTConfig(num_prompts=50), _ablation("initialisation",
-                            small_W1=True)),  # fmt: skip
-    "APT p=200 W1 var 1/d": ("apt/p200-w1-var-1-over-d", APTConfig(), _ablation("initialisation", small_W1=True)),
-    "APT p=200 W1 var 1/d P/c std .02": ("apt/p200-w1-var-1-over-d-prompt-std-0.02", APTConfig(),
-                                         _ablation("initialisation", small_W1=True, trained_prompt_std=0.02)),
-    **{
-        f"APT p=200 P/c std .{std}": (f"apt/p200-prompt-std-0.{std}", APTConfig(),
-                                      _ablation("initialisation", trained_prompt_std=float(f"0.{std}")))
-        for std in ("025", "04", "05", "08", "16")
-    },
-    **{
-        f"APT p=200 term {ratio} P/c std {std}": (f"apt/p200-term-{ratio}-prompt-std-{std}", APTConfig(),
-                                                 _ablation("initialisation", trained_prompt_std=float(std),
-                                                           term_ratio=float(ratio)))
-        for ratio in ("3e-3", "1e-2", "3e-2") for std in ("0.08", "0.32", "1")
-    },
-    # the causal-LM benchmark
-    "APT": ("apt/default", APTConfig(task_type="CAUSAL_LM"), {}),
-    "LoRA r=8 (q, v)": ("lora/r8-qv", _lora(8, ["q_proj", "v_proj"], True), {}),
-    "LoRA r=8 (q)": ("lora/r8-q", _lora(8, ["q_proj"], True), {"design_study": "which change short runs reward"}),
-    "LoRA r=8 (v)": ("lora/r8-v", _lora(8, ["v_proj"], True), {"design_study": "which change short runs reward"}),
-    "prompt tuning p=20": ("prompt-tuning/p20", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20,
-                           prompt_tuning_init="SAMPLE_VOCAB"), {}),  # fmt: skip
-    "prefix tuning p=20": ("prefix-tuning/p20", PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20), {}),
-    "APT, reference optimiser": ("apt/default-reference-optimiser", APTConfig(task_type="CAUSAL_LM"),
-                                 {"optimiser": "reference", "design_study": "optimiser"}),
-    "APT, beta2 0.98": ("apt/default-beta2-0.98", APTConfig(task_type="CAUSAL_LM"),
-                        {"adam_betas": [0.9, 0.98], "design_study": "optimiser"}),
-    "APT p=20": ("apt/p20", APTConfig(task_type="CAUSAL_LM", num_prompts=20), {"design_study": "hyper-parameters"}),
-    "APT r=16": ("apt/r16", APTConfig(task_type="CAUSAL_LM", r=16), {"design_study": "hyper-parameters"}),
-    "APT r=64": ("apt/r64", APTConfig(task_type="CAUSAL_LM", r=64), {"design_study": "hyper-parameters"}),
-    "APT dropout .1": ("apt/dropout-0.1", APTConfig(task_type="CAUSAL_LM", apt_dropout=0.1),
-                       {"design_study": "hyper-parameters"}),
+CURRENT_PARAMETRISATION = 3
+CAUSAL_LM_KEYS = {"34e6a7e2d047": 1, "d0457ea65ccd": 0}  # APTConfig()'s keys at earlier parametrisations
+# earlier method name -> experiment name without its learning rate
+LEGACY_NAMES = {
+    "head-only": "head-only/", "full": "full/", "LoRA r=4": "lora/r4-qv", "LoRA r=4 (q only)": "lora/r4-q",
+    "LoRA r=4 (v only)": "lora/r4-v", "deep prompt p=10": "deep-prompt/p10", "deep prompt p=50": "deep-prompt/p50",
+    "APT p=50": "apt/p50", "APT p=200": "apt/p200", "APT p=200, reference optimiser": "apt/p200-reference-optimiser",
+    "APT p=200 fixed s": "apt/p200-fixed-s", "APT p=50 reference init": "apt/p50-reference-init",
+    "APT p=50 W1 var 1/d": "apt/p50-w1-var-1-over-d", "APT p=200 W1 var 1/d": "apt/p200-w1-var-1-over-d",
+    "APT p=200 W1 var 1/d P/c std .02": "apt/p200-w1-var-1-over-d-prompt-std-0.02",
+    **{f"APT p=200 P/c std .{std}": f"apt/p200-prompt-std-0.{std}" for std in ("025", "04", "05", "08", "16")},
+    **{f"APT p=200 term {ratio} P/c std {std}": f"apt/p200-term-{ratio}-prompt-std-{std}"
+       for ratio in ("3e-3", "1e-2", "3e-2") for std in ("0.08", "0.32", "1")},
+    "APT": "apt/default", "LoRA r=8 (q, v)": "lora/r8-qv", "LoRA r=8 (q)": "lora/r8-q", "LoRA r=8 (v)": "lora/r8-v",
+    "prompt tuning p=20": "prompt-tuning/p20", "prefix tuning p=20": "prefix-tuning/p20",
+    "APT, reference optimiser": "apt/default-reference-optimiser", "APT, beta2 0.98": "apt/default-beta2-0.98",
 }  # fmt: skip
-# where the causal-LM benchmark used a name of the image one
-CAUSAL_LM_METHODS = {
-    "APT p=50": ("apt/p50", APTConfig(task_type="CAUSAL_LM", num_prompts=50), {"design_study": "hyper-parameters"})
-}
+METRIC_KEYS = ("accuracy", "final_train_loss", "cosine_to_frozen", "separation", "frozen_separation", "perplexity",
+               "frozen_perplexity", "first_train_loss", "last_train_loss", "diverged", "attention_change_train",
+               "attention_change_held_out")  # fmt: skip
 
 
 def lr_tag(lr: float) -> str:
@@ -112,46 +58,15 @@ def lr_tag(lr: float) -> str:
     return f"{mantissa.removesuffix('.0')}e{int(exponent)}"
 
 
-def legacy_method(record: dict, source: Path) -> tuple[str, PeftConfig | None, dict]:
-    """(experiment name, PEFT config, training parameters) of a record of the earlier scripts, read from `source`."""
-    if "variant" in record:  # the causal-LM design sweep's constants
-        ratio, std, w2, reference, *trained = record["variant"].split(",")
-        name = f"apt/constants-{ratio}-{std}-{w2}" + ("-reference-optimiser" if reference == "1" else "")
-        params = {"design_study": "parametrisation constants", "apt_constants": {"initial_term_ratio": float(ratio),
-                  "trained_prompt_std_ratio": float(std), "key_map_factor": float(w2)}}  # fmt: skip
-        if reference == "1":
-            params["optimiser"] = "reference"
-        if trained:
-            name += "-train-" + trained[0].replace("+", "-").replace("apt_", "")
-            params["train_only"] = trained[0].split("+")
-        if record.get("prompt_init", "random") != "random":
-            name += f"-prompts-from-{record['prompt_init']}"
-            params["prompt_init"] = record["prompt_init"]
-        return name, APTConfig(task_type="CAUSAL_LM"), params
-    method = record["method"]
-    methods = CAUSAL_LM_METHODS if "perplexity" in record and method in CAUSAL_LM_METHODS else LEGACY_METHODS
-    name, config, params = methods[method]
-    params = dict(params)
-    version = apt_version(record)
-    if version is not None and version != 3:
-        name += f"-parametrisation-v{version}"
-        params["apt_parametrisation"] = version
-    if source.parent.name == "attention-change":
-        name += "-attention-change"
-        params.update(design_study="attention change", measure_attention_change=True)
-    if "initial_term_ratio" in record:
-        name += "-calibrated-without-multiplier"
-        params.update(design_study="initialisation", apt_parametrisation="calibrated without multiplier")
-    return name, config, params
-
-
-def apt_version(record: dict) -> int | None:
-    """The parametrisation an APT record was made with (records without the field: version 1); None if not APT."""
-    if not (record.get("method") or "APT").startswith("APT"):
-        return None
-    if "config_key" in record:
-        return 3 if record["config_key"] not in APT_KEY_VERSIONS else APT_KEY_VERSIONS[record["config_key"]]
-    return record.get("apt_parametrisation", 1)
+def experiment_of(record: dict) -> str:
+    """`apt/p200-lr1e-2`; APT records of another parametrisation than the installed one get their own experiment."""
+    base = LEGACY_NAMES[record["method"]]
+    version = record.get("apt_parametrisation", 1) if record["method"].startswith("APT") else CURRENT_PARAMETRISATION
+    if "config_key" in record:  # the causal-LM records name their parametrisation by the key of their config
+        version = CAUSAL_LM_KEYS.get(record["config_key"], CURRENT_PARAMETRISATION)
+    if version != CURRENT_PARAMETRISATION:
+        base += f"-parametrisation-v{version}"
+    return f"{base}{'' if base.endswith('/') else '-'}lr{lr_tag(record['lr'])}"
 
 
 @functools.cache
@@ -159,24 +74,27 @@ def task_setups() -> dict[tuple, Path]:
     setups = {}
     for path in sorted(TASKS.glob("*/default_training_params.json")):
         params = json.loads(path.read_text())
-        fields = TEXT_SETUP if params["trainer"] == "causal_lm" else IMAGE_SETUP
+        fields = {"causal_lm": TEXT_SETUP, "image_classification": IMAGE_SETUP}.get(params["trainer"], {})
         setups[tuple((key, params.get(key, default)) for key, default in fields.items())] = path.parent
     return setups
 
 
 def task_of(record: dict) -> Path | None:
-    setup = record.get("setup") or {"block_size": 64, "steps": record["steps"], "batch_size": 4, "eval_blocks": 32}
     fields = TEXT_SETUP if "perplexity" in record else IMAGE_SETUP
-    return task_setups().get(tuple((key, setup.get(key, default)) for key, default in fields.items()))
+    return task_setups().get(tuple((key, record["setup"].get(key, default)) for key, default in fields.items()))
 
 
-def ensure_experiment(task_dir: Path, name: str, config: PeftConfig | None, params: dict) -> Path:
-    folder = task_dir / "experiments" / name
+def ensure_experiment(task_dir: Path, experiment: str, lr: float) -> Path:
+    """The experiment's folder, copied from another task's experiment of the same method if missing."""
+    folder = task_dir / "experiments" / experiment
     if not folder.exists():
-        folder.mkdir(parents=True)
-        if config is not None:
-            config.save_pretrained(str(folder))
-        (folder / "training_params.json").write_text(json.dumps(params, indent=1) + "\n")
+        base = experiment.rsplit("lr", 1)[0]
+        templates = sorted(TASKS.glob(f"*/experiments/{base}lr*"))
+        if not templates:
+            raise ValueError(f"No experiment {base}lr* in any task to copy for {task_dir.name}/{experiment}")
+        shutil.copytree(templates[0], folder)
+        params = json.loads((folder / "training_params.json").read_text())
+        (folder / "training_params.json").write_text(json.dumps({**params, "lr": lr}, indent=1) + "\n")
     return folder
 
 
@@ -184,16 +102,11 @@ def meta_of(record: dict) -> dict:
     """Command, machine and versions from a record's `environment` lines (None where the record kept none)."""
     lines = dict(re.findall(r"- (\w+): (.*)", record.get("environment", "")))
     versions = dict(re.findall(r"(Python|torch|transformers|peft) ([^\s,]+)", lines.get("Versions", "")))
-    command = lines.get("Command", "").strip("`") or None
-    if command is None and "dataset" in record and "environment" not in record and "variant" not in record:
-        command = f"python -m benchmarks.quality --datasets {record['dataset']}"
-    versions = {key.lower(): value for key, value in versions.items()}
-    return {"command": command, "machine": lines.get("Machine"), "package_versions": versions or None}
-
-
-METRIC_KEYS = ("accuracy", "final_train_loss", "cosine_to_frozen", "separation", "frozen_separation", "perplexity",
-               "frozen_perplexity", "first_train_loss", "last_train_loss", "diverged", "attention_change_train",
-               "attention_change_held_out", "initial_term_ratio", "initial_feature_cosine")  # fmt: skip
+    return {
+        "command": lines.get("Command", "").strip("`") or None,
+        "machine": lines.get("Machine"),
+        "package_versions": {key.lower(): value for key, value in versions.items()} or None,
+    }
 
 
 @functools.cache
@@ -213,36 +126,28 @@ def added_flops(experiment_dir: Path) -> int:
     return added_forward_flops(tail, attach(copy.deepcopy(tail), params, config), hidden)
 
 
-def convert_record(record: dict, source: Path) -> Path | None:
+def convert_record(record: dict) -> Path | None:
     """Write a record's result file unless it exists; its path, or None when no task has its setup."""
     task_dir = task_of(record)
     if task_dir is None:
         return None
-    base, config, params = legacy_method(record, source)
-    experiment = f"{base}lr{lr_tag(record['lr'])}" if base.endswith("/") else f"{base}-lr{lr_tag(record['lr'])}"
-    folder = ensure_experiment(task_dir, experiment, config, {"lr": record["lr"], **params})
+    experiment = experiment_of(record)
+    folder = ensure_experiment(task_dir, experiment, record["lr"])
     path = task_dir / "results" / result_name(experiment, record.get("dataset"), record["seed"])
     if path.exists():
         return path
-    train_params, peft_config = load_experiment(folder)
-    train_params.update(dataset=record.get("dataset"), tiny=False)
-    train_params.pop("datasets", None), train_params.pop("seeds", None)
-    metrics = {key: record[key] for key in METRIC_KEYS if key in record}
-    metrics.update({key: value for key, value in record.items() if key.startswith("term_")})
-    steps = train_params.get("steps")
-    seconds = record.get("seconds") or (record["seconds_per_step"] * steps if "seconds_per_step" in record else None)
+    params, peft_config = load_experiment(folder)
+    params = {k: v for k, v in params.items() if k not in ("datasets", "seeds")} | {"dataset": record.get("dataset")}
+    seconds = record.get("seconds") or record.get("seconds_per_step", 0) * params.get("steps", 0) or None
     train_info = {
-        "metrics": metrics,
-        "train_losses": None,
-        "train_time_s": round(seconds, 2) if seconds is not None else None,
-        "peak_memory_bytes": None,
+        "metrics": {k: v for k, v in record.items() if k in METRIC_KEYS or k.startswith("term_")},
+        "train_time_s": seconds and round(seconds, 2),
         "trainable_params": record["trainable_parameters"],
-        "adapter_file_bytes": None,
         "added_forward_flops": added_flops(folder),
     }
     config = json.loads(json.dumps(peft_config.to_dict(), default=sorted)) if peft_config else None
     result = make_result(task=task_dir.name, experiment=experiment, dataset=record.get("dataset"), seed=record["seed"],
-                         train_params=train_params, peft_config=config, train_info=train_info,
+                         train_params=params | {"tiny": False}, peft_config=config, train_info=train_info,
                          meta_info=meta_of(record))  # fmt: skip
     result["run_info"]["created_at"] = None
     write_result(path, result)
@@ -251,16 +156,12 @@ def convert_record(record: dict, source: Path) -> Path | None:
 
 # the sections of the earlier results page and the tasks that hold their records
 SECTION_TASKS = {
-    "quality": "image-50-steps-last-2-blocks-no-warm-up",
-    "quality-full": "image-224-px-50-steps",
-    "quality-recipe": "image-50-steps-last-2-blocks",
-    "quality-recipe-12-blocks": "image-50-steps",
-    "few-shot": "image-few-shot",
-    "few-shot-16-per-class": "image-few-shot-16-per-class",
-    "quality-500-steps": "image-500-steps",
-    "causal-lm": "causal-lm-30-steps",
+    "quality": "image-50-steps-last-2-blocks-no-warm-up", "quality-full": "image-224-px-50-steps",
+    "quality-recipe": "image-50-steps-last-2-blocks", "quality-recipe-12-blocks": "image-50-steps",
+    "few-shot": "image-few-shot", "few-shot-16-per-class": "image-few-shot-16-per-class",
+    "quality-500-steps": "image-500-steps", "causal-lm": "causal-lm-30-steps",
     "causal-lm-300-steps": "causal-lm-300-steps",
-}
+}  # fmt: skip
 
 
 def check(page: Path) -> None:
@@ -292,9 +193,7 @@ def check(page: Path) -> None:
 
 
 def expected_cell(task, method: str, column: str, row: dict, dataset: str | None, losses: bool) -> str | None:
-    """The converted results' figure for a cell of an earlier table (None for columns not derived from records):
-    the metric's mean ± std at a rate, the best rate, trainable parameters, added MFLOPs; in the tables of training
-    losses and of features, their means."""
+    """The converted results' figure for a cell of an earlier table (None for columns not derived from records)."""
     label = legacy_label(task, method)
     if label is None:
         return None
@@ -305,11 +204,14 @@ def expected_cell(task, method: str, column: str, row: dict, dataset: str | None
         runs = [r["train_info"]["metrics"][key] for r in task.results if r["run_info"]["dataset"] == dataset
                 and report.split_lr(r["run_info"]["experiment"]) == (label, lr)]  # fmt: skip
         return f"{statistics.mean(runs):.{2 if losses else 3}f}" if runs else ""
+    if column in ("trainable params", "added MFLOPs / image"):
+        info = report.first(task.results, label)["train_info"]
+        return (
+            f"{info['trainable_params']:,}"
+            if column == "trainable params"
+            else f"{info['added_forward_flops'] / 1e6:.2f}"
+        )
     match = re.fullmatch(r"(?:(\w+) )?(best lr|accuracy|lr ([\d.e-]+)|perplexity at best lr)", column)
-    if column == "trainable params":
-        return f"{report.first(task.results, label)['train_info']['trainable_params']:,}"
-    if column == "added MFLOPs / image":
-        return f"{report.first(task.results, label)['train_info']['added_forward_flops'] / 1e6:.2f}"
     if match is None:
         return None
     by_lr = report.sweeps(task, task.results, match[1] or dataset).get(label, {})
@@ -320,15 +222,13 @@ def expected_cell(task, method: str, column: str, row: dict, dataset: str | None
 
 
 def legacy_label(task, method: str) -> str | None:
-    """The label of an earlier method name in a task: its newest APT parametrisation there."""
-    causal = task.params["trainer"] == "causal_lm" and method in CAUSAL_LM_METHODS
-    methods = CAUSAL_LM_METHODS if causal else LEGACY_METHODS
-    if method not in methods:
+    """The label of an earlier method name in a task, at the newest APT parametrisation the task has."""
+    if method not in LEGACY_NAMES:
         return None
-    base = methods[method][0].rstrip("/")
+    base = LEGACY_NAMES[method].rstrip("/")
     labels = {report.split_lr(r["run_info"]["experiment"])[0] for r in task.results}
-    return next((base + suffix for suffix in ("", "-parametrisation-v2", "-parametrisation-v1",
-                 "-parametrisation-v0") if base + suffix in labels), None)  # fmt: skip
+    versions = ("", *(f"-parametrisation-v{v}" for v in range(CURRENT_PARAMETRISATION - 1, -1, -1)))
+    return next((base + version for version in versions if base + version in labels), None)
 
 
 def same_figures(shown: str, expected: str) -> bool:
@@ -339,17 +239,16 @@ def same_figures(shown: str, expected: str) -> bool:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("files", nargs="*", type=Path, default=sorted((BENCHMARKS / "results").rglob("*.jsonl")))
+    parser.add_argument("files", nargs="*", type=Path, help="JSON-lines records")
     parser.add_argument("--check", type=Path, help="a results page in the earlier format to compare with")
     args = parser.parse_args(argv)
     if args.check:
         return check(args.check)
     unplaced = {}
     for path in args.files:
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            if convert_record(record, path) is None:
-                key = json.dumps(record.get("setup"), sort_keys=True)
+        for record in map(json.loads, path.read_text().splitlines()):
+            if convert_record(record) is None:
+                key = json.dumps(record["setup"], sort_keys=True)
                 unplaced[key] = unplaced.get(key, 0) + 1
     for setup, count in unplaced.items():
         print(f"{count} records of a setup no task has: {setup}")
