@@ -175,3 +175,14 @@ def test_a_vision_language_model_without_a_language_model_names_its_type():
     llava.get_decoder = None
     with pytest.raises(ValueError, match=r"model type 'llava' \(a vision-language model whose language model"):
         get_peft_model(llava, APTConfig(num_prompts=P))
+
+
+def test_a_language_model_without_attentions_apt_can_adapt_names_it():
+    llava = VLM_FAMILIES["llava"].build()
+    for layer in llava.model.language_model.layers:  # an output projection under a name APT does not look for
+        layer.self_attn.output = layer.self_attn.o_proj
+        del layer.self_attn.o_proj
+    with pytest.raises(
+        ValueError, match=r"model type 'llava' \(its language model 'model\.language_model' has no attention"
+    ):
+        get_peft_model(llava, APTConfig(num_prompts=P))
