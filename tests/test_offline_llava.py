@@ -3,22 +3,30 @@
 import numpy as np
 import pytest
 import torch
+from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from examples.offline import llava
 from examples.tiny_models import tiny_dinov2, tiny_llama, word_tokenizer
+from peft_apt import APTConfig
 
 WORDS = "user assistant what color is the shape ? red blue a frog describe image briefly."
 IMAGE_TOKENS = (llava.IMAGE_SIZE // 14) ** 2 + 1  # DINOv2's patches and its CLS token
 
 
-@pytest.fixture
-def towers():
+def tiny_text_parts():
+    """(tokenizer with ChatML's tokens, tiny Llama)."""
     tokenizer = word_tokenizer([WORDS, "user assistant"], model_max_length=128)
     tokenizer.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
     tokenizer.eos_token = "<|im_end|>"
-    return tiny_dinov2(), tiny_llama(tokenizer), tokenizer
+    return tokenizer, tiny_llama(tokenizer)
+
+
+@pytest.fixture
+def towers():
+    tokenizer, language_model = tiny_text_parts()
+    return tiny_dinov2(), language_model, tokenizer
 
 
 def random_images(n: int, seed: int = 0) -> list[Image.Image]:
@@ -111,3 +119,40 @@ def test_stamps_are_composited_on_white_squares_and_read_with_their_captions(tmp
     assert llava.caption_pairs(tmp_path) == [(tmp_path / "animals" / "fox.png", "A red fox.")]
     with pytest.raises(FileNotFoundError, match="tuxpaint-stamps-default"):
         llava.caption_pairs(tmp_path / "missing")
+
+
+def greedy_without_cache(model, processor, images, prompts, max_new_tokens):
+    """Reference: the whole sequence through the model again for every token, stopped at the end token."""
+    processor.tokenizer.padding_side = "left"
+    batch = processor(images=images, text=llava.chat_prompts(processor, prompts), padding=True, return_tensors="pt")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"]).logits
+            ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
+            mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
+    end = processor.tokenizer.eos_token_id
+    rows = [row[: row.index(end)] if end in row else row for row in ids[:, batch["input_ids"].shape[1] :].tolist()]
+    return [text.strip() for text in processor.batch_decode(rows, skip_special_tokens=True)]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5),  # `generate` would drop the image here
+        PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5),
+        APTConfig(target_modules=r".*language_model.*\.self_attn", init_weights=False),
+    ],
+    ids=lambda config: config.peft_type.value,
+)
+def test_generated_answers_are_the_greedy_tokens_of_the_adapted_model(config):
+    model, processor = llava.build_llava(tiny_dinov2(), *reversed(tiny_text_parts()))
+    model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "prompt_encoder" in name:
+                parameter.normal_(0, 1, generator=torch.Generator().manual_seed(0))
+    model.eval()
+    images, prompts = random_images(3), ["what color is the shape ?", "what", "describe"]
+    expected = greedy_without_cache(model, processor, images, prompts, 4)
+    assert llava.generate_answers(model, processor, images, prompts, 4) == expected

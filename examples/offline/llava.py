@@ -200,13 +200,31 @@ def answer_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
 def generate_answers(
     model: torch.nn.Module, processor: LlavaProcessor, images: list, prompts: list[str], max_new_tokens: int = 4
 ) -> list[str]:
-    """Greedy answers to (image, prompt) pairs, decoded without special tokens and stripped."""
+    """Greedy answers to (image, prompt) pairs, decoded without special tokens and stripped.
+
+    Decodes with the model's own forward pass and cache rather than `generate`: with PEFT's prefix tuning, `generate`
+    on a LLaVA starts past the prefix's cached positions and so never passes the image to the model. The first step
+    runs `model` (adapters, prompts and prefixes applied), the next ones its base model on the cache that step left.
+    """
     processor.tokenizer.padding_side = "left"
-    texts = chat_prompts(processor, prompts)
-    batch = processor(images=images, text=texts, padding=True, return_tensors="pt")
-    output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-    new_tokens = output[:, batch["input_ids"].shape[1] :]
-    return [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
+    batch = processor(images=images, text=chat_prompts(processor, prompts), padding=True, return_tensors="pt")
+    output = model(**batch, use_cache=True, logits_to_keep=1)
+    decoder = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cache, mask = output.past_key_values, batch["attention_mask"]
+    # Prompt learning puts its virtual tokens or prefix in the cache before the inputs: they are always attended.
+    mask = torch.cat([mask.new_ones(len(mask), cache.get_seq_length() - mask.shape[1]), mask], dim=1)
+    tokens = output.logits[:, -1].argmax(-1, keepdim=True)
+    generated, finished = [tokens], tokens[:, 0] == processor.tokenizer.eos_token_id
+    for _ in range(max_new_tokens - 1):
+        if finished.all():
+            break
+        mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
+        output = decoder(input_ids=tokens, attention_mask=mask, cache=cache, use_cache=True)
+        cache, tokens = output.past_key_values, output.logits[:, -1].argmax(-1, keepdim=True)
+        generated.append(tokens)
+        finished |= tokens[:, 0] == processor.tokenizer.eos_token_id
+    answers = processor.batch_decode(torch.cat(generated, dim=1), skip_special_tokens=True)
+    return [answer.split("\n")[0].strip() for answer in answers]
 
 
 def _linear_warmup_cosine(optimizer, warmup_steps: int, total_steps: int):
