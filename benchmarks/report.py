@@ -33,7 +33,6 @@ DIAGNOSTICS = {
     "term_alignment_after": "after",
     "term_size_before": "APT term / O, before",
     "term_size_after": "after",
-    "last_train_loss": "training loss, last 5 steps",
     "attention_change_train": "attention change, training blocks",
     "attention_change_held_out": "held-out blocks",
     "initial_feature_cosine": "initial feature cosine",
@@ -86,6 +85,11 @@ def split_lr(experiment: str) -> tuple[str, float]:
     """`apt/p200-lr1e-2` -> (`apt/p200`, 0.01); `head-only/lr1e-2` -> (`head-only`, 0.01)."""
     label, lr = re.fullmatch(r"(.*?)[-/]?lr([\d.e+-]+)", experiment).groups()
     return label, float(lr)
+
+
+def training_loss(result: dict) -> float | None:
+    metrics = result["train_info"]["metrics"]
+    return metrics.get("last_train_loss", metrics.get("final_train_loss"))
 
 
 def is_main(result: dict) -> bool:
@@ -304,6 +308,10 @@ def task_page(task: Task, tasks: list[Task]) -> str:
     for dataset in datasets_of(task):
         lines += ["", f"## Every learning rate{': ' + dataset if dataset else ''}", ""]
         lines += lr_table(task, sweeps(task, task.results, dataset))
+        losses = sweeps(task, [r for r in task.results if training_loss(r) is not None], dataset, training_loss)
+        lines += ["", "Training loss at the end of the run (mean over seeds; the last step's for images, the mean of "
+                  "the last 5 for the causal LM), to read against the metric:", "",
+                  *lr_table(task, losses, lambda values: f"{statistics.mean(values):.2f}")]  # fmt: skip
     if diagnostics := diagnostics_table(task.results):
         lines += ["", "## What the runs did", "", "Means over seeds of what each run recorded besides its metric "
                   "(benchmarks/README.md says what each is).", "", *diagnostics]  # fmt: skip
