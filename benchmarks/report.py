@@ -377,9 +377,10 @@ def write_readme_table(tasks: list[Task]) -> None:
 def main() -> None:
     tasks = load_tasks()
     (BENCHMARKS / "RESULTS.md").write_text(front_page(tasks))
-    for task in tasks:
-        if task.results and not hasattr(task.trainer, "details"):
-            (task.folder / "RESULTS.md").write_text(task_page(task, tasks))
+    for task in (task for task in tasks if task.results):
+        details = getattr(task.trainer, "details", None)
+        page = details(task.folder, task.results) if details else task_page(task, tasks)
+        (task.folder / "RESULTS.md").write_text(page)
     design = BENCHMARKS / "DESIGN_STUDIES.md"
     kept = CALIBRATION.search(design.read_text()) if design.exists() else None
     design.write_text(design_page(tasks, kept.group(0) if kept else ""))
