@@ -2,6 +2,7 @@
 
 import inspect
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -198,3 +199,43 @@ def test_best_lr_is_the_one_the_extra_seeds_went_to():
     # perplexities, equal seeds: the best mean
     assert best_lr({1e-3: [30.0, 31.0], 3e-3: [29.0, 33.0]}, higher_is_better=False) == 1e-3
     assert best_lr({1e-3: [90.0, 76.0], 3e-3: [84.0, 84.0]}) == 3e-3  # the mean, not the best seed
+
+
+def test_report_tables_take_each_method_at_the_lr_its_seeds_went_to():
+    from types import SimpleNamespace
+
+    from benchmarks import report
+
+    trainer = SimpleNamespace(METRIC="accuracy", HIGHER_IS_BETTER=True, METRIC_SCALE=100, METRIC_DIGITS=1)
+    apt_config = {"peft_type": "APT", "num_prompts": 200, "r": 4}
+
+    def result(experiment, seed, accuracy, config=None):
+        return {
+            "run_info": {
+                "experiment": experiment,
+                "dataset": "digits",
+                "seed": seed,
+                "train_params": {},
+                "peft_config": config,
+            },  # fmt: skip
+            "train_info": {
+                "metrics": {"accuracy": accuracy},
+                "trainable_params": 1000,
+                "adapter_file_bytes": None,
+                "added_forward_flops": 2e9,
+            },  # fmt: skip
+        }
+
+    results = [result("apt/p200-lr1e-2", seed, value, apt_config) for seed, value in enumerate((0.80, 0.90, 0.85))]
+    results += [result("apt/p200-lr3e-3", 0, 0.95, apt_config)]  # one lucky seed: not the sweep's choice
+    results += [result("lora/r4-qv-lr1e-3", seed, 0.90) for seed in (0, 1)]
+    params = {"datasets": ["digits"], "model": "dinov2-small", "epochs": 2, "n_train": 30, "batch_size": 10}
+    task = report.Task(Path("image-task"), params, trainer, results)
+    table = report.best_table(task, results, [task])
+    # mean 85.0, sample std 5.0; 4 bytes per parameter; 2 GFLOPs; no cost-task ratio
+    assert "| apt/p200 | 85.0 ± 5.0 (lr 0.01) | 1,000 | 0.00 | 2 |  |" in table
+    assert "| lora/r4-qv | 90.0 ± 0.0 (lr 0.001) | 1,000 | 0.00 | 2 |  |" in table
+    assert report.answer(task, results).endswith("(accuracy, higher is better): digits 85.0 against 90.0.")
+    every_lr = report.lr_table(task, report.sweeps(task, results, "digits"))  # lrs 0.001, 0.003, 0.01
+    assert every_lr[2:] == ["| apt/p200 |  | 95.0 (n=1) | 85.0 ± 5.0 |", "| lora/r4-qv | 90.0 ± 0.0 |  |  |"]
+    assert report.split_lr("head-only/lr5.5e-3") == ("head-only", 0.0055) and task.steps == 6
