@@ -1,9 +1,8 @@
-"""Turn JSON-lines records of the earlier benchmark scripts into result files of the tasks (idempotent).
+"""Turn JSON-lines benchmark records (one run per line, with its `setup`) into result files of the tasks.
 
-`python -m benchmarks.convert FILE.jsonl [...]`. A record (`python -m benchmarks.quality` or `causal_lm_quality`)
-goes to the task whose `default_training_params.json` has its setup, into the experiment of its method and learning
-rate; a missing experiment folder is copied from another task's experiment of the same method. Records of a setup no
-task has are counted and left alone. `--check PAGE` compares every figure of a results page in the earlier format
+`python -m benchmarks.convert FILE.jsonl [...]`, idempotent. A record (of an image or a causal-LM run) goes to the
+task whose `default_training_params.json` has its setup, into the experiment of its method and learning rate; a missing experiment folder is copied from another task's experiment of the same method. Records of a setup no
+task has are counted and left alone. `--check PAGE` compares every figure of a results page made of sections
 (tables with `lr` columns, best-lr columns, trainable parameters, added MFLOPs, training losses, feature statistics)
 with the converted results.
 """
@@ -31,8 +30,8 @@ IMAGE_SETUP = {"size": 0, "n_train": 0, "n_test": 0, "adapted_layers": 0, "epoch
                "warmup_ratio": 0.0, "weight_decay": 0.0}  # fmt: skip
 TEXT_SETUP = {"block_size": 0, "steps": 0, "batch_size": 0, "eval_blocks": 0}
 CURRENT_PARAMETRISATION = 3
-CAUSAL_LM_KEYS = {"34e6a7e2d047": 1, "d0457ea65ccd": 0}  # APTConfig()'s keys at earlier parametrisations
-# earlier method name -> experiment name without its learning rate
+CAUSAL_LM_KEYS = {"34e6a7e2d047": 1, "d0457ea65ccd": 0}  # APTConfig()'s config keys at other parametrisations
+# a record's method name -> experiment name without its learning rate
 LEGACY_NAMES = {
     "head-only": "head-only/", "full": "full/", "LoRA r=4": "lora/r4-qv", "LoRA r=4 (q only)": "lora/r4-q",
     "LoRA r=4 (v only)": "lora/r4-v", "deep prompt p=10": "deep-prompt/p10", "deep prompt p=50": "deep-prompt/p50",
@@ -154,7 +153,7 @@ def convert_record(record: dict) -> Path | None:
     return path
 
 
-# the sections of the earlier results page and the tasks that hold their records
+# the sections of a results page made of sections and the tasks that hold their records
 SECTION_TASKS = {
     "quality": "image-50-steps-last-2-blocks-no-warm-up", "quality-full": "image-224-px-50-steps",
     "quality-recipe": "image-50-steps-last-2-blocks", "quality-recipe-12-blocks": "image-50-steps",
@@ -165,7 +164,7 @@ SECTION_TASKS = {
 
 
 def check(page: Path) -> None:
-    """Print, per section of an earlier results page, how many of its figures the converted results reproduce."""
+    """Print, per section of a results page, how many of its figures the converted results reproduce."""
     tasks = {task.name: task for task in report.load_tasks()}
     for section, body in re.findall(r"<!-- BEGIN (\S+) -->(.*?)<!-- END \1 -->", page.read_text(), re.S):
         if section not in SECTION_TASKS:
@@ -193,7 +192,7 @@ def check(page: Path) -> None:
 
 
 def expected_cell(task, method: str, column: str, row: dict, dataset: str | None, losses: bool) -> str | None:
-    """The converted results' figure for a cell of an earlier table (None for columns not derived from records)."""
+    """The converted results' figure for a cell of a section's table (None for columns not derived from records)."""
     label = legacy_label(task, method)
     if label is None:
         return None
@@ -222,7 +221,7 @@ def expected_cell(task, method: str, column: str, row: dict, dataset: str | None
 
 
 def legacy_label(task, method: str) -> str | None:
-    """The label of an earlier method name in a task, at the newest APT parametrisation the task has."""
+    """The label of a record's method name in a task, at the newest APT parametrisation the task has."""
     if method not in LEGACY_NAMES:
         return None
     base = LEGACY_NAMES[method].rstrip("/")
@@ -232,7 +231,7 @@ def legacy_label(task, method: str) -> str | None:
 
 
 def same_figures(shown: str, expected: str) -> bool:
-    """Equal as shown, reading the earlier `± 0.0 (n=1)` as `(n=1)` and dropping the earlier `(n=2)` after a std."""
+    """Equal as shown, reading `± 0.0 (n=1)` as `(n=1)` and dropping an `(n=2)` after a std."""
     shown = re.sub(r" ± [\d.]+ \(n=1\)", " (n=1)", shown)
     return re.sub(r"( ± [\d.]+) \(n=\d+\)", r"\1", shown) == expected
 
@@ -240,7 +239,7 @@ def same_figures(shown: str, expected: str) -> bool:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="*", type=Path, help="JSON-lines records")
-    parser.add_argument("--check", type=Path, help="a results page in the earlier format to compare with")
+    parser.add_argument("--check", type=Path, help="a results page made of sections to compare with")
     args = parser.parse_args(argv)
     if args.check:
         return check(args.check)
