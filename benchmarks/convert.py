@@ -1,10 +1,11 @@
 """Turn JSON-lines benchmark records (one run per line, with its `setup`) into result files of the tasks.
 
 `python -m benchmarks.convert FILE.jsonl [...]`, idempotent. A record (of an image or a causal-LM run) goes to the
-task whose `default_training_params.json` has its setup, into the experiment of its method and learning rate; a missing experiment folder is copied from another task's experiment of the same method. Records of a setup no
-task has are counted and left alone. `--check PAGE` compares every figure of a results page made of sections
-(tables with `lr` columns, best-lr columns, trainable parameters, added MFLOPs, training losses, feature statistics)
-with the converted results.
+task whose `default_training_params.json` has its setup, into the experiment of its method and learning rate; a
+missing experiment folder is copied from another task's experiment of the same method. Records of a setup no task has
+are counted and left alone. `--check PAGE` compares every figure of a results page made of sections (tables with `lr`
+columns, best-lr columns, trainable parameters, added MFLOPs, training losses, feature statistics) with the converted
+results.
 """
 
 from __future__ import annotations
