@@ -169,6 +169,16 @@ def find_output_projection(attention: nn.Module) -> Optional[str]:
     return None
 
 
+def output_size(projection: nn.Module) -> int:
+    """The output size of an output projection (or nn.MultiheadAttention), from its declared sizes where it has
+    them (see `APTLayer.hidden_size`)."""
+    if isinstance(projection, nn.MultiheadAttention):
+        return projection.embed_dim
+    return (
+        getattr(projection, "out_features", None) or getattr(projection, "nf", None) or full_shape(projection.weight)[0]
+    )
+
+
 @contextlib.contextmanager
 def _onloaded(modules: list[nn.Module]):
     """
@@ -287,14 +297,7 @@ class APTLayer(nn.Module, BaseTunerLayer):
         the layer's declared sizes, not its weight, whose shape is packed in quantized layers (bitsandbytes 4-bit),
         partitioned under DeepSpeed ZeRO-3 and transposed in transformers' `Conv1D` (GPT-2, which declares `nf`).
         """
-        projection = self._projection()
-        if isinstance(projection, nn.MultiheadAttention):
-            return projection.embed_dim
-        return (
-            getattr(projection, "out_features", None)
-            or getattr(projection, "nf", None)
-            or full_shape(projection.weight)[0]
-        )
+        return output_size(self._projection())
 
     def _projection_weight(self) -> torch.Tensor:
         projection = self._projection()

@@ -22,7 +22,7 @@ from .constants import (
     TRANSFORMERS_MODELS_WITHOUT_APT_TARGET_MODULES,
 )
 from .integrations import guard_lora_format
-from .layer import MERGE_ERROR, APTLayer, find_output_projection, set_adapter_names
+from .layer import MERGE_ERROR, APTLayer, find_output_projection, output_size, set_adapter_names
 
 
 class APTModel(BaseTuner):
@@ -252,12 +252,7 @@ def language_model_attentions(model: nn.Module) -> tuple[Optional[str], list[str
 def _output_size(attention: nn.Module) -> Optional[int]:
     """The output size of `attention`'s output projection (None: it has none), from its declared sizes."""
     projection_path = find_output_projection(attention)
-    if projection_path is None:
-        return None
-    projection = attention.get_submodule(projection_path)
-    if isinstance(projection, nn.MultiheadAttention):
-        return projection.embed_dim
-    return getattr(projection, "out_features", None) or getattr(projection, "nf", None)
+    return None if projection_path is None else output_size(attention.get_submodule(projection_path))
 
 
 def default_target_modules(model: nn.Module, model_type: Optional[str]) -> Union[str, set[str]]:
