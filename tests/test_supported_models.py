@@ -7,6 +7,7 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
 import transformers
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from test_vlm_coverage import OPTIONAL_DEPENDENCIES, UNNORMALISED_INPUTS, UNSET_FIELDS
@@ -90,6 +91,13 @@ def readme_with_current_list(readme: str) -> str:
 
 def test_readme_lists_every_default_as_the_table_has_it():
     readme = README.read_text()
+    # the image-text-to-text types are transformers' own list: a release that adds types changes the generated text
+    generated_with = re.search(r"of transformers (\S+?)'s `AutoModelForImageTextToText`", readme)
+    if generated_with is None or generated_with[1] != transformers.__version__:
+        pytest.skip(
+            f"README's list was generated with transformers {generated_with and generated_with[1]}, "
+            f"{transformers.__version__} is installed: run `python tests/test_supported_models.py` to regenerate it"
+        )
     assert readme == readme_with_current_list(readme), "run `python tests/test_supported_models.py`"
 
 
