@@ -330,12 +330,16 @@ def design_page(tasks: list[Task], kept: str) -> str:
         lines += [f"## {study}", ""]
         for task in tasks:
             ours = [r for r in task.results if study_of(r) == study]
-            if ours:
-                compared = ours + [r for r in task.results if is_main(r) and split_lr(r["run_info"]["experiment"])[0]
-                                   in ("head-only", default_apt(task.results))]  # fmt: skip
-                for dataset in sorted({r["run_info"]["dataset"] or "" for r in ours}):
-                    lines += [f"[{task.name}](tasks/{task.name}/RESULTS.md){', ' + dataset if dataset else ''}:", ""]
-                    lines += [*lr_table(task, sweeps(task, compared, dataset or None)), ""]
+            if not ours:
+                continue
+            main = [r for r in task.results if is_main(r)]
+            rivals = ("head-only", default_apt(main))
+            compared = ours + [r for r in main if split_lr(r["run_info"]["experiment"])[0] in rivals]
+            for dataset in sorted({r["run_info"]["dataset"] or "" for r in ours}):
+                lines += [f"[{task.name}](tasks/{task.name}/RESULTS.md){', ' + dataset if dataset else ''}:", ""]
+                lines += [*lr_table(task, sweeps(task, compared, dataset or None)), ""]
+            if study in ("Attention change", "Initialisation") and (diagnostics := diagnostics_table(ours)):
+                lines += ["What the runs recorded besides the metric (means over seeds):", "", *diagnostics, ""]
     lines += ["## Other setups", "", "Tasks kept off the front page, each with its page:", ""]
     lines += [f"- [{t.name}](tasks/{t.name}/RESULTS.md): {t.params['description']}" for t in tasks
               if not t.params.get("front_page", True)]  # fmt: skip
