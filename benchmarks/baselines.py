@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from transformers import get_linear_schedule_with_warmup
+from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from peft_apt import APTLayer
 
@@ -159,3 +159,13 @@ def reference_optimiser(named_parameters: dict[str, nn.Parameter], lr: float, st
     groups = [{"params": decayed, "weight_decay": 0.01}, {"params": kept, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-8)
     return optimizer, get_linear_schedule_with_warmup(optimizer, warmup_steps, steps)
+
+
+def optimiser_for(parameters: dict[str, nn.Parameter], params: dict, steps: int, warmup_steps: int):
+    """(optimizer, schedule) of a benchmark run: AdamW with the training parameters' `lr`, `weight_decay` and
+    `adam_betas`, linear warm-up then cosine decay; or with `optimiser: reference` the authors' (above)."""
+    if params.get("optimiser") == "reference":
+        return reference_optimiser(parameters, params["lr"], steps, warmup_steps)
+    betas, weight_decay = tuple(params.get("adam_betas", (0.9, 0.999))), params.get("weight_decay", 0.0)
+    optimizer = torch.optim.AdamW(parameters.values(), lr=params["lr"], betas=betas, weight_decay=weight_decay)
+    return optimizer, get_cosine_schedule_with_warmup(optimizer, warmup_steps, steps)

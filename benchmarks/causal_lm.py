@@ -19,14 +19,13 @@ from unittest import mock
 import torch
 from peft import PeftConfig, get_peft_model
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import get_cosine_schedule_with_warmup
 
 from examples.offline.text import perplexity, stdlib_sources, token_blocks
 from examples.tiny_models import tiny_corpus, tiny_llama, word_tokenizer
 from peft_apt import APTConfig
 from peft_apt import layer as apt_layer
 
-from .baselines import count_trainable_parameters, reference_optimiser, train_only
+from .baselines import count_trainable_parameters, optimiser_for, train_only
 from .prompt_terms import term_state
 
 METRIC = "perplexity"
@@ -67,18 +66,6 @@ def apt_constants(initial_term_ratio: float, trained_prompt_std_ratio: float, ke
         yield
 
 
-def optimiser_of(model, params: dict):
-    """(optimizer, schedule): AdamW without weight decay, 10% warm-up and cosine decay, with `adam_betas` if given;
-    or with `optimiser: reference` the authors' (`baselines.reference_optimiser`)."""
-    warmup = max(1, params["steps"] // 10)
-    parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    if params.get("optimiser") == "reference":
-        return reference_optimiser(parameters, params["lr"], params["steps"], warmup)
-    betas = tuple(params.get("adam_betas", (0.9, 0.999)))
-    optimizer = torch.optim.AdamW(parameters.values(), lr=params["lr"], betas=betas, weight_decay=0.0)
-    return optimizer, get_cosine_schedule_with_warmup(optimizer, warmup, params["steps"])
-
-
 def run(params: dict, peft_config: PeftConfig, seed: int) -> dict:
     """`steps` optimiser steps, then held-out perplexity; for APT the prompt term's size and direction before and
     after on a held-out batch (`prompt_terms.term_state`)."""
@@ -97,7 +84,8 @@ def run(params: dict, peft_config: PeftConfig, seed: int) -> dict:
     is_apt = isinstance(peft_config, APTConfig)
     measure_term = (lambda: term_state(model.eval(), lambda m: m(input_ids=probe))) if is_apt else dict
     metrics = {f"{key}_before": value for key, value in measure_term().items()}
-    optimizer, schedule = optimiser_of(model, params)
+    parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    optimizer, schedule = optimiser_for(parameters, params, params["steps"], max(1, params["steps"] // 10))
     order = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(seed))
     start, losses = time.perf_counter(), []
     model.train()

@@ -19,14 +19,14 @@ import torch.nn.functional as F
 from peft import PeftConfig, get_peft_model
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import Dinov2Model, get_cosine_schedule_with_warmup
+from transformers import Dinov2Model
 
 from examples.offline.images import load_dataset
 from examples.tiny_models import tiny_dinov2
 from peft_apt import APTLayer
 from peft_apt.layer import INITIAL_TERM_RATIO
 
-from .baselines import add_deep_prompts, count_trainable_parameters, reference_optimiser, train_only
+from .baselines import add_deep_prompts, count_trainable_parameters, optimiser_for, train_only
 from .prompt_terms import term_state
 
 METRIC = "accuracy"
@@ -176,12 +176,7 @@ def run(params: dict, peft_config: PeftConfig | None, seed: int) -> dict:
     fixed = None if trainable else batched_features(tail.eval(), data["train_hidden"]).detach()
     parameters = {n: p for n, p in (*tail.named_parameters(), *head.named_parameters(prefix="head")) if p.requires_grad}
     steps = params["epochs"] * math.ceil(len(data["train_labels"]) / params["batch_size"])
-    warmup = math.ceil(params.get("warmup_ratio", 0.0) * steps)
-    if params.get("optimiser") == "reference":
-        optimizer, schedule = reference_optimiser(parameters, params["lr"], steps, warmup)
-    else:
-        optimizer = torch.optim.AdamW(parameters.values(), lr=params["lr"], weight_decay=params.get("weight_decay", 0))
-        schedule = get_cosine_schedule_with_warmup(optimizer, warmup, steps)
+    optimizer, schedule = optimiser_for(parameters, params, steps, math.ceil(params.get("warmup_ratio", 0.0) * steps))
     generator, losses = torch.Generator().manual_seed(seed), []
     start = time.perf_counter()
     tail.train()

@@ -1,9 +1,10 @@
-"""The causal-LM trainer's options: the authors' optimiser, Adam's betas and APT's init constants."""
+"""The benchmark trainers' options: the authors' optimiser, Adam's betas and APT's init constants."""
 
 import pytest
 from peft import get_peft_model
 
-from benchmarks.causal_lm import apt_constants, optimiser_of
+from benchmarks.baselines import optimiser_for
+from benchmarks.causal_lm import apt_constants
 from examples.tiny_models import tiny_llama, word_tokenizer
 from peft_apt import APTConfig, APTLayer
 
@@ -15,7 +16,8 @@ def tiny_apt():
 def test_reference_optimiser_is_the_authors():
     model = tiny_apt()
     model.base_model.model.model.norm.weight.requires_grad_(True)  # a trainable norm, kept out of weight decay
-    optimizer, schedule = optimiser_of(model, {"lr": 1e-3, "steps": 10, "optimiser": "reference"})
+    parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    optimizer, schedule = optimiser_for(parameters, {"lr": 1e-3, "optimiser": "reference"}, steps=10, warmup_steps=1)
     decayed, kept = optimizer.param_groups
     assert (decayed["weight_decay"], kept["weight_decay"]) == (0.01, 0.0) and decayed["betas"] == (0.9, 0.98)
     assert len(kept["params"]) == 1 and kept["params"][0] is model.base_model.model.model.norm.weight
@@ -27,7 +29,7 @@ def test_reference_optimiser_is_the_authors():
         schedule.step()
     assert rates[0] == 0.0 and rates[1] == 1e-3 and schedule.get_last_lr()[0] == 0.0  # 1 warm-up step, linear to 0
     assert rates[1] - rates[2] == pytest.approx(rates[2] - rates[3])
-    (own,) = optimiser_of(model, {"lr": 1e-3, "steps": 10, "adam_betas": [0.9, 0.98]})[0].param_groups
+    (own,) = optimiser_for(parameters, {"lr": 1e-3, "adam_betas": [0.9, 0.98]}, 10, 1)[0].param_groups
     assert own["betas"] == (0.9, 0.98) and own["weight_decay"] == 0.0
 
 

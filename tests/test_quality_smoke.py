@@ -22,6 +22,8 @@ META_INFO = {"command", "machine", "package_versions"}
 
 def one_experiment_per_method(task: Path) -> list[Path]:
     """The first experiment of each method folder that a trainer runs (not one kept as data)."""
+    if not (task / "experiments").is_dir():
+        pytest.fail(f"{task.name} has no experiments/ folder: a task needs at least one experiment")
     chosen = []
     for method in sorted((task / "experiments").iterdir()):
         runnable = [path for path in sorted(method.iterdir()) if not kept_as_data(path)]
