@@ -67,8 +67,10 @@ def run_once(trainer, params: dict, peft_config: PeftConfig | None, seed: int) -
     start = time.perf_counter()
     outcome = trainer.run(params, peft_config, seed)
     outcome.setdefault("train_time_s", round(time.perf_counter() - start, 2))
-    outcome["peak_memory_bytes"] = torch.cuda.max_memory_allocated() if on_cuda else None
-    outcome["adapter_file_bytes"] = adapter_file_bytes(outcome.pop("model", None))
+    if on_cuda:  # a trainer may measure its own (the CPU has no allocator statistics)
+        outcome["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+    if "model" in outcome:
+        outcome["adapter_file_bytes"] = adapter_file_bytes(outcome.pop("model"))
     return outcome
 
 
