@@ -72,7 +72,7 @@ class VLMArguments:
 # `--offline` is sized to finish in under 10 minutes on 2 CPU cores.
 PRESETS = {
     "tiny": dict(max_train_samples=512, max_eval_samples=64, max_steps=40, per_device_train_batch_size=8),
-    "offline": dict(max_train_samples=2000, max_eval_samples=200, max_steps=100, per_device_train_batch_size=8),
+    "offline": dict(max_train_samples=2000, max_eval_samples=100, max_steps=60, per_device_train_batch_size=8),
 }
 # APT adapts the language model, a decoder: decoders take the top of APT's range (README, "Choosing hyper-parameters").
 VLM_DEFAULTS = dict(
