@@ -1,393 +1,429 @@
 """
-What a method costs on a frozen model, measured: the primitives `benchmarks/efficiency.py` (whole models on a CPU) and
-`benchmarks/efficiency_layers.py` (encoder layers alone, on a GPU) are built on.
+The cost task's trainer (`benchmarks/tasks/cost`): what a method adds to a frozen model, measured.
 
-A `Backbone` is a frozen model with its inputs and where each method attaches; `make_variant` applies one method to a
-copy that shares the frozen weights. Per variant: added parameters, forward and training-step FLOPs
-(torch.utils.flop_counter), activation bytes saved for backward, peak CUDA memory, and inference and training-step
-times, every variant timed in the same process, interleaved, so that drifts in machine load cancel in the
-per-repetition ratios. `judge` holds the summary's ratios against targets.
+A run builds the experiment's `model` (random weights at the real sizes: cost does not depend on them) and the method
+on a copy that shares the frozen weights. Per sample it counts forward FLOPs of the frozen model and of the method,
+the method's training-step FLOPs (torch.utils.flop_counter: matmuls, attention, convolutions) and the activation bytes
+autograd saves for backward (a deterministic proxy of training memory). Then it times the method's inference and
+training step (forward, backward, AdamW) against the frozen model's forward, interleaved in one process, and reports
+medians of per-repetition ratios, so that drifts in machine load cancel. On the meta device (`"device": "meta"`) only
+FLOPs are counted: a 7B model costs neither memory nor time. `sweep` (`{name: values}`) repeats the measurement at each
+value of a training parameter or of an adapter-config field.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import statistics
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
-from peft import LoraConfig, get_peft_model
+import transformers as T
+from peft import PeftConfig, PeftModel, get_peft_model
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from peft_apt import APTConfig, APTLayer
+from peft_apt import APTLayer
 
 from .baselines import DeepPrompts
+from .cost_tables import details, summary  # noqa: F401  (the task's pages: benchmarks.report asks the trainer)
 
-RANK = 4
-
-# What each ratio in a benchmark's summary compares; its key there is `{name}_{p}`.
-RATIOS = {
-    "apt_vs_analytic": "APT added FLOPs / analytic sum of 4*n*p*d",
-    "apt_vs_deep_flops": "APT added FLOPs / deep prompt's",
-    "step_apt_lora": "training step APT / LoRA",
-    "step_deep_apt": "training step deep prompt / APT",
-    "infer_apt_base": "inference APT / frozen",
-    "peak_apt_lora": "peak step memory APT / LoRA",
-}
+TINY = dict(repetitions=1, warmup=0, compile_backend="aot_eager", layers=2, tokens=16)  # on the CPU, off meta
+TINY_LAYER = dict(hidden_size=32, num_attention_heads=2, intermediate_size=37)
 
 
-def target(ratio: str, p: int, bound: float, kind: str) -> tuple[str, str, float, str]:
-    """(what, summary key, bound, kind), kind being "max", "min" or "within" (1 +/- bound)."""
-    return f"{RATIOS[ratio]} (p={p})", f"{ratio}_{p}", bound, kind
+@dataclasses.dataclass
+class Setup:
+    """A frozen model, the function that runs it (or a PEFT model of it) on its inputs, and where methods attach."""
 
-
-@dataclass
-class Backbone:
-    """A frozen model with its inputs and where each method attaches."""
-
-    name: str
     description: str
     model: nn.Module
-    inputs: dict
-    head: str
-    prompt_layers: list[str]
-    lora_targets: list[str] | str
+    forward: Callable[[nn.Module], torch.Tensor]
+    batch_size: int
     hidden_size: int
-    apt_targets: Optional[list[str]] = None  # None: the defaults for the model type
-    input_needs_grad: bool = False  # a layer cut out of a network: backward still has to reach its input
+    head: Optional[str] = None  # trained by every method; alone, it is head-only training
+    prompt_layers: tuple[str, ...] = ()  # the layer lists deep prompts join
+    image_tokens: int = 0  # per sample, where a language model reads images as tokens
 
 
-@dataclass
-class Variant:
-    """One method applied to a copy of the frozen model, with what it takes to run and train it."""
+def run_inputs(inputs: dict) -> Callable[[nn.Module], torch.Tensor]:
+    def forward(model: nn.Module) -> torch.Tensor:
+        output = model(**inputs)
+        return output.logits if hasattr(output, "logits") else output
 
-    name: str
-    model: nn.Module
-    forward: Callable[[], torch.Tensor]
-    added_params: int = 0
-    steps: bool = False  # whether a training step means anything (the frozen model has nothing to train)
-    optimizer: Optional[torch.optim.Optimizer] = None
-    apt_inputs: list[tuple[int, int, int]] = field(default_factory=list)  # (tokens, p, d) per APT call
+    return forward
 
 
-def logits(output) -> torch.Tensor:
-    return output.logits if hasattr(output, "logits") else output
-
-
-def share_frozen_copy(model: nn.Module, keep: str) -> nn.Module:
-    """A copy that shares every parameter and buffer outside `keep` (so variants cost no extra memory, inputs held
-    as buffers included) and owns `keep`."""
-    kept = model.get_submodule(keep)
-    own = {id(t) for t in [*kept.parameters(), *kept.buffers()]}
-    memo = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in own}
-    return copy.deepcopy(model, memo)
-
-
-def make_variant(backbone: Backbone, method: str, num_prompts: int = 0) -> Variant:
-    """method is one of: frozen, head-only, LoRA, deep prompt, APT."""
-    model = share_frozen_copy(backbone.model, backbone.head)
-    model.requires_grad_(False)
-    if method == "LoRA":
-        config = LoraConfig(
-            r=RANK, lora_alpha=2 * RANK, target_modules=backbone.lora_targets, modules_to_save=[backbone.head]
-        )
-        model = get_peft_model(model, config)
-    elif method == "APT":
-        config = APTConfig(
-            num_prompts=num_prompts, r=RANK, target_modules=backbone.apt_targets, modules_to_save=[backbone.head]
-        )
-        model = get_peft_model(model, config)
-    elif method == "deep prompt":
-        layers = [model.get_submodule(path) for path in backbone.prompt_layers]
-        model.deep_prompts = DeepPrompts(layers, num_prompts, backbone.hidden_size, init_bound=0.02)
-    if method in ("head-only", "deep prompt"):
-        model.get_submodule(backbone.head).requires_grad_(True)
-    name = f"{method} p={num_prompts}" if num_prompts else method
-    variant = Variant(name, model, lambda: logits(model(**backbone.inputs)))
-    trainable = {path: p for path, p in model.named_parameters() if p.requires_grad}
-    variant.added_params = sum(p.numel() for path, p in trainable.items() if backbone.head not in path.split("."))
-    variant.steps = method != "frozen" or backbone.input_needs_grad
-    if trainable:
-        variant.optimizer = torch.optim.AdamW(trainable.values(), lr=1e-4)
-    return variant
-
-
-def record_apt_inputs(variant: Variant) -> list:
-    """Hooks that log, per APT layer call, the numbers the analytic cost 4*n*p*d needs."""
-    handles = []
-    for module in variant.model.modules():
-        if isinstance(module, APTLayer):
-
-            def log(module, args, kwargs):
-                query = kwargs.get(module.query_argument, args[0] if args else None)
-                variant.apt_inputs.append((query.shape[:-1].numel(), module.num_prompts["default"], query.shape[-1]))
-
-            handles.append(module.register_forward_pre_hook(log, with_kwargs=True))
-    return handles
-
-
-@torch.no_grad()
-def forward_flops(variant: Variant) -> int:
-    variant.model.eval()
-    variant.apt_inputs.clear()
-    handles = record_apt_inputs(variant)
-    with FlopCounterMode(display=False) as counter:
-        variant.forward()
-    for handle in handles:
-        handle.remove()
-    return counter.get_total_flops()
-
-
-def training_step_flops(variant: Variant) -> int:
-    """FLOPs of a forward and backward in training mode: what a step's time would be if every FLOP cost the same."""
-    variant.model.train()
-    with FlopCounterMode(display=False) as counter:
-        variant.forward().float().square().mean().backward()
-    variant.model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
-
-
-def saved_activation_bytes(variant: Variant) -> int:
-    """Bytes of the distinct tensors autograd keeps for backward, weights and buffers excluded (training mode)."""
-    model = variant.model.train()
-    fixed = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    saved = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in fixed:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        output = variant.forward()  # kept alive until counted, so no storage is freed and reused meanwhile
-    total = sum(saved.values())
-    del output
-    return total
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(run: Callable[[], object], device: torch.device) -> dict[str, float]:
-    """Wall time and this process's CPU time of `run`. On a CPU shared with other jobs, CPU time of a single-threaded
-    run is the stable measure: it leaves out the time the scheduler gave to others."""
-    synchronize(device)
-    wall, cpu = time.perf_counter(), time.process_time()
-    run()
-    synchronize(device)
-    return {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
-
-
-@torch.no_grad()
-def inference(variant: Variant) -> None:
-    variant.model.eval()
-    variant.forward()
-
-
-def training_step(variant: Variant) -> None:
-    variant.model.train()
-    loss = variant.forward().float().square().mean()
-    loss.backward()
-    if variant.optimizer:
-        variant.optimizer.step()
-        variant.optimizer.zero_grad(set_to_none=True)
-
-
-def peak_memory(run: Callable[[], object], device: torch.device) -> Optional[int]:
-    """Peak CUDA memory of `run` above what was allocated before it; None off CUDA."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    run()
-    return torch.cuda.max_memory_allocated(device) - before
-
-
-def drop_out_of_memory(variants: list[Variant], device: torch.device) -> tuple[list[Variant], list[str]]:
-    """The variants whose training step (or inference) fits in CUDA memory, and the names of those that did not."""
-    if device.type != "cuda":
-        return variants, []
-    fitting, dropped = [], []
-    for variant in variants:
-        try:
-            training_step(variant) if variant.steps else inference(variant)
-            fitting.append(variant)
-        except torch.cuda.OutOfMemoryError:
-            dropped.append(variant.name)
-            if variant.optimizer:
-                variant.optimizer.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
-    return fitting, dropped
-
-
-def interleaved_times(variants: list[Variant], repetitions: int, device: torch.device, warmup: int = 1) -> dict:
-    """
-    {variant: {"infer" or "step": {"wall" or "cpu": [...]}}}, one entry per repetition.
-
-    Each repetition times every variant once, in an order rotated from one repetition to the next, so drifts in
-    machine load hit all variants alike and cancel in the per-repetition ratios. `warmup` untimed rounds come first.
-    """
-    times = {v.name: {kind: {"wall": [], "cpu": []} for kind in ("infer", "step")} for v in variants}
-    for repetition in range(-warmup, repetitions):
-        shift = max(repetition, 0) % len(variants)
-        for variant in variants[shift:] + variants[:shift]:
-            measured = {"infer": timed(lambda: inference(variant), device)}
-            if variant.steps:
-                measured["step"] = timed(lambda: training_step(variant), device)
-            for kind, clocks in measured.items():
-                for clock, seconds in clocks.items():
-                    if repetition >= 0:
-                        times[variant.name][kind][clock].append(seconds)
-    return times
-
-
-def clocks(device: torch.device) -> list[str]:
-    """The clocks to report, the one targets are judged on first: CPU time on CPU, wall time on CUDA."""
-    return ["cpu", "wall"] if device.type == "cpu" else ["wall"]
-
-
-def ratios(times: dict, kind: str, numerator: str, denominator: str, clock: str) -> list[float]:
-    """Per-repetition ratios: both timings of a pair come from the same repetition, under the same load."""
-    return [a / b for a, b in zip(times[numerator][kind][clock], times[denominator][kind][clock])]
-
-
-def median_ratio(times: dict, kind: str, numerator: str, denominator: str, clock: str) -> float:
-    return statistics.median(ratios(times, kind, numerator, denominator, clock))
-
-
-def to_device(backbone: Backbone, device: torch.device, dtype: torch.dtype) -> None:
-    backbone.model.to(device=device, dtype=dtype)
-    backbone.inputs = {
-        k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in backbone.inputs.items()
-    }
-
-
-def benchmark_backbone(
-    backbone: Backbone,
-    prompt_counts: list[int],
-    repetitions: int,
-    device: torch.device,
-    baselines: tuple[str, ...] = ("frozen", "head-only", "LoRA"),
-    warmup: int = 1,
-) -> dict:
-    """
-    Every method on `backbone`: `baselines` (frozen first), then deep prompt and APT for each p. Inference times are
-    relative to the frozen model, training steps to head-only where it is among the baselines, else to LoRA. Peak
-    CUDA memory is measured once every variant is warm.
-    """
-    backbone.model.requires_grad_(False).eval()
-    specs = [(method, 0) for method in baselines]
-    specs += [(method, p) for p in prompt_counts for method in ("deep prompt", "APT")]
-    variants, out_of_memory = drop_out_of_memory([make_variant(backbone, method, p) for method, p in specs], device)
-    references = {"infer": "frozen", "step": "head-only" if "head-only" in baselines else "LoRA"}
-    rows = {variant.name: counted_costs(variant) for variant in variants}
-    times = interleaved_times(variants, repetitions, device, warmup)
-    for variant in variants:
-        rows[variant.name]["infer_peak"] = peak_memory(lambda: inference(variant), device)
-        rows[variant.name]["peak"] = peak_memory(lambda: training_step(variant), device) if variant.steps else None
-    add_times(rows, times, references, device)
-    summary = summarise_ratios(rows, times, prompt_counts, device)
-    return dict(rows=rows, summary=summary, repetitions=repetitions, references=references, out_of_memory=out_of_memory)
-
-
-def counted_costs(variant: Variant) -> dict:
-    """The deterministic costs: added parameters, FLOPs (and APT's analytic 4*n*p*d), bytes saved for backward."""
-    flops = forward_flops(variant)
+def image_and_text(params: dict, side: int) -> dict:
+    batch = params["batch_size"]
     return dict(
-        params=variant.added_params,
-        flops=flops,
-        analytic=sum(4 * tokens * p * d for tokens, p, d in variant.apt_inputs),
-        step_flops=training_step_flops(variant) if variant.steps else None,
-        saved=saved_activation_bytes(variant),
+        input_ids=torch.randint(3, 99, (batch, params["text_tokens"])), pixel_values=torch.randn(batch, 3, side, side)
     )
 
 
-def add_times(rows: dict, times: dict, references: dict, device: torch.device) -> None:
-    """Each row's added FLOPs and, per kind and clock, (median ms, median ratio to the kind's reference)."""
-    for name, row in rows.items():
-        row["added_flops"] = row["flops"] - rows["frozen"]["flops"]
-        for kind, reference in references.items():
-            if times[name][kind]["wall"]:
-                row[kind] = {
-                    clock: (
-                        1e3 * statistics.median(times[name][kind][clock]),
-                        median_ratio(times, kind, name, reference, clock),
-                    )
-                    for clock in clocks(device)
-                }
+def vilt(params: dict) -> Setup:
+    """ViLT-B/32 for VQAv2 at 384x384, every patch kept."""
+    tiny = dict(TINY_LAYER, num_hidden_layers=2, image_size=64, patch_size=16, vocab_size=99)
+    config = T.ViltConfig(**tiny) if params["tiny"] else T.ViltConfig(num_labels=3129)
+    config.max_image_length = -1
+    side, patch = config.image_size, config.patch_size
+    description = (
+        f"ViLT-B/32: d={config.hidden_size}, {config.num_hidden_layers} layers, {params['text_tokens']} text + "
+        f"{(side // patch) ** 2 + 1} image tokens ({side}x{side}), batch {params['batch_size']}"
+    )
+    model, forward = T.ViltForQuestionAnswering(config), run_inputs(image_and_text(params, side))
+    return Setup(
+        description, model, forward, params["batch_size"], config.hidden_size, "classifier", ("vilt.encoder.layer",)
+    )
 
 
-def summarise_ratios(rows: dict, times: dict, prompt_counts: list[int], device: torch.device) -> dict:
-    """The `RATIOS` per p, as `{name}_{p}`: a FLOP or memory ratio, or per clock the per-repetition time ratios with
-    the deterministic FLOP ratio of the same pair beside them."""
-    summary = {}
-    for p in prompt_counts:
-        apt, deep = f"APT p={p}", f"deep prompt p={p}"
-        if apt not in rows:
-            continue
-        summary[f"apt_vs_analytic_{p}"] = rows[apt]["added_flops"] / rows[apt]["analytic"]
-        if deep in rows:
-            summary[f"apt_vs_deep_flops_{p}"] = rows[apt]["added_flops"] / rows[deep]["added_flops"]
-        if "LoRA" in rows and rows[apt]["peak"] is not None:
-            summary[f"peak_apt_lora_{p}"] = rows[apt]["peak"] / rows["LoRA"]["peak"]
-        for key, kind, numerator, denominator in [
-            (f"step_apt_lora_{p}", "step", apt, "LoRA"),
-            (f"step_deep_apt_{p}", "step", deep, apt),
-            (f"infer_apt_base_{p}", "infer", apt, "frozen"),
-        ]:
-            if numerator not in rows or denominator not in rows:
-                continue
-            summary[key] = {clock: ratios(times, kind, numerator, denominator, clock) for clock in clocks(device)}
-            flops = "step_flops" if kind == "step" else "flops"
-            summary[key]["FLOPs"] = [rows[numerator][flops] / rows[denominator][flops]]
-    return summary
+def bridgetower(params: dict) -> Setup:
+    """BridgeTower-base (METER's architecture): RoBERTa-base and CLIP ViT-B/16 at 288x288, 6+6 cross-modal layers."""
+    if params["tiny"]:
+        small = dict(num_hidden_layers=2, num_attention_heads=2, intermediate_size=37)
+        vision = dict(hidden_size=64, num_hidden_layers=2, image_size=32, patch_size=8)
+        text = dict(hidden_size=64, vocab_size=99, **small)
+        config = T.BridgeTowerConfig(text_config=text, vision_config=vision, hidden_size=64, **small)
+    else:
+        config = T.BridgeTowerConfig()
+    side, patch, layers = config.vision_config.image_size, config.vision_config.patch_size, config.num_hidden_layers
+    description = (
+        f"BridgeTower-base: d={config.hidden_size}, {layers}+{layers} cross-modal layers (APT on their {4 * layers} "
+        f"attention modules), {params['text_tokens']} text + {(side // patch) ** 2 + 1} image tokens ({side}x{side}), "
+        f"batch {params['batch_size']}"
+    )
+    model, forward = T.BridgeTowerForImageAndTextRetrieval(config), run_inputs(image_and_text(params, side))
+    prompt_layers = ("bridgetower.cross_modal_text_layers", "bridgetower.cross_modal_image_layers")
+    return Setup(description, model, forward, params["batch_size"], config.hidden_size, "itm_score", prompt_layers)
 
 
 class LayerStack(nn.Module):
-    """
-    Transformer layers run one after the other on fixed hidden states (a buffer, so variants share it), as a model
-    without inputs. The hidden states need grad where the layers stand in the middle of a network. With `autocast`
-    the forward runs under `torch.autocast` in that dtype, weights staying as they are, as `Trainer --bf16` does.
-    """
+    """Transformer layers run one after the other on fixed hidden states (a buffer, shared by the copies), under
+    `torch.autocast` in `autocast` when given, as `Trainer --bf16` runs fp32 weights."""
 
-    def __init__(self, layers: list[nn.Module], hidden_states: torch.Tensor, autocast: Optional[torch.dtype] = None):
+    def __init__(self, layers: list[nn.Module], hidden_states: torch.Tensor, autocast: Optional[str] = None):
         super().__init__()
         self.layers = nn.ModuleList(layers)
-        self.head = nn.Identity()
         self.register_buffer("hidden_states", hidden_states, persistent=False)
-        self.autocast = autocast
+        self.autocast = getattr(torch, autocast) if autocast else None
 
     def forward(self) -> torch.Tensor:
         hidden_states = self.hidden_states
-        with (
-            torch.autocast(hidden_states.device.type, dtype=self.autocast)
-            if self.autocast
-            else contextlib.nullcontext()
-        ):
+        device_type = hidden_states.device.type
+        with torch.autocast(device_type, self.autocast) if self.autocast else contextlib.nullcontext():
             for layer in self.layers:
                 output = layer(hidden_states)
                 hidden_states = output[0] if isinstance(output, tuple) else output
         return hidden_states
 
 
-def judge(targets_list: list[tuple[str, str, float, str]], summary: dict, device: torch.device) -> list[dict]:
-    """Each target with its measured values per clock (the primary clock's median judged), and whether it holds;
-    targets whose measurement is missing (a method out of memory) are left out."""
-    primary = clocks(device)[0]
-    judged = []
-    for description, key, bound, kind in targets_list:
-        if key not in summary:
-            continue
-        measured = summary[key] if isinstance(summary[key], dict) else {primary: [summary[key]]}
-        value = statistics.median(measured[primary])
-        holds = {"within": abs(value - 1) <= bound, "max": value <= bound, "min": value >= bound}[kind]
-        target = {"within": f"1 +/- {bound}", "max": f"<= {bound}", "min": f">= {bound}"}[kind]
-        judged.append(dict(description=description, measured=measured, value=value, target=target, holds=holds))
-    return judged
+def vilt_layers(params: dict) -> Setup:
+    """`layers` ViLT-B encoder layers alone on `tokens` random hidden states: what a GPU times without ViLT's CPU-bound
+    patch sampling, and one layer for the sweeps. With `input_needs_grad`, backward reaches the input as it does in
+    the middle of a network."""
+    config = T.ViltConfig(**TINY_LAYER) if params["tiny"] else T.ViltConfig()
+    layers = [T.models.vilt.modeling_vilt.ViltLayer(config) for _ in range(params["layers"])]
+    hidden_states = torch.randn(params["batch_size"], params["tokens"], config.hidden_size)
+    hidden_states.requires_grad_(params.get("input_needs_grad", False))
+    stack = LayerStack(layers, hidden_states, params.get("autocast"))
+    description = (
+        f"{params['layers']} ViLT-B layer(s) alone: d={config.hidden_size}, {params['tokens']} tokens, batch "
+        f"{params['batch_size']}, fp32 weights" + (f", {params['autocast']} autocast" if params.get("autocast") else "")
+    )
+    return Setup(description, stack, lambda model: model(), params["batch_size"], config.hidden_size, None, ("layers",))
+
+
+LLAVA = {  # (CLIP vision tower, Llama language model) sizes; LLaVA-1.5-7B is CLIP ViT-L/14-336 and Llama-2-7B
+    "llava-1.5-7b": (
+        dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
+        dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32064),
+    ),
+    # a quarter of the width, 4 layers, the vocabulary cut so that the output layer keeps about its 7B share of FLOPs
+    "llava-1.5-scaled": (
+        dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4),
+        dict(hidden_size=1024, intermediate_size=2752, num_hidden_layers=4, num_attention_heads=16, vocab_size=4000),
+    ),
+    "tiny": (
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28),
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=100),
+    ),
+}
+
+
+def llava(params: dict) -> Setup:
+    """A LLaVA-1.5 of `LLAVA[model]`'s sizes: each image is 576 tokens (24x24 patches of 14 px at 336 px) that the
+    language model reads before `text_tokens` text tokens. The image features are computed apart and joined to the
+    text embeddings as LLaVA does, so that the meta device needs no data-dependent check."""
+    vision, text = LLAVA["tiny" if params["tiny"] else params["model"]]
+    vision = T.CLIPVisionConfig(**{"image_size": 336, "patch_size": 14, **vision})
+    config = T.LlavaConfig(vision_config=vision, text_config=T.LlamaConfig(**text), vision_feature_layer=-2)
+    model, batch, side, d = (
+        T.LlavaForConditionalGeneration(config),
+        params["batch_size"],
+        vision.image_size,
+        text["hidden_size"],
+    )
+    pixel_values = torch.randn(batch * params["images"], 3, side, side)
+    input_ids = torch.randint(3, text["vocab_size"], (batch, params["text_tokens"]))
+
+    def forward(peft_or_llava: nn.Module) -> torch.Tensor:
+        llava = peft_or_llava.get_base_model() if isinstance(peft_or_llava, PeftModel) else peft_or_llava
+        image = llava.model.get_image_features(
+            pixel_values, vision_feature_layer=-2, vision_feature_select_strategy="default"
+        )
+        embeddings = torch.cat(
+            [torch.stack(image.pooler_output).reshape(batch, -1, d), llava.get_input_embeddings()(input_ids)], 1
+        )
+        return peft_or_llava(inputs_embeds=embeddings).logits
+
+    description = (
+        f"LLaVA-1.5 language model d={d}, {text['num_hidden_layers']} layers, vocabulary {text['vocab_size']}; CLIP "
+        f"vision tower d={vision.hidden_size}, {vision.num_hidden_layers} layers; {params['images']} image(s) of "
+        f"{(side // 14) ** 2} tokens + {params['text_tokens']} text tokens, batch {batch}"
+    )
+    return Setup(description, model, forward, batch, d, image_tokens=params["images"] * (side // 14) ** 2)
+
+
+def dinov2(params: dict) -> Setup:
+    """DINOv2 ViT-S/14 at `size` px with the image tasks' head: a linear layer on [CLS; mean patch token]."""
+    sizes = dict(hidden_size=384, num_attention_heads=6, intermediate_size=1536)
+    config = T.Dinov2Config(**(dict(TINY_LAYER, num_hidden_layers=2) if params["tiny"] else sizes), num_labels=10)
+    forward = run_inputs(dict(pixel_values=torch.randn(params["batch_size"], 3, params["size"], params["size"])))
+    description = (
+        f"DINOv2-S/14: d={config.hidden_size}, {config.num_hidden_layers} layers, {params['size']} px "
+        f"({(params['size'] // 14) ** 2 + 1} tokens), batch {params['batch_size']}"
+    )
+    model = T.Dinov2ForImageClassification(config)
+    return Setup(
+        description, model, forward, params["batch_size"], config.hidden_size, "classifier", ("dinov2.encoder.layer",)
+    )
+
+
+def smollm2(params: dict) -> Setup:
+    """SmolLM2-135M's shapes: a Llama with d=576, 30 layers, 9 heads of which 3 key-value."""
+    sizes = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9)
+    tiny = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    config = T.LlamaConfig(
+        **(tiny if params["tiny"] else sizes),
+        num_key_value_heads=2 if params["tiny"] else 3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    )
+    batch = params["batch_size"]
+    forward = run_inputs(dict(input_ids=torch.randint(0, config.vocab_size, (batch, params["tokens"]))))
+    description = f"SmolLM2-135M: d={config.hidden_size}, {config.num_hidden_layers} layers, {params['tokens']} tokens"
+    description += f", batch {batch}"
+    return Setup(description, T.LlamaForCausalLM(config), forward, batch, config.hidden_size)
+
+
+MODELS = {
+    "vilt-b32": vilt,
+    "bridgetower-base": bridgetower,
+    "vilt-b32-layers": vilt_layers,
+    "llava-1.5-7b": llava,
+    "llava-1.5-scaled": llava,
+    "dinov2-small": dinov2,
+    "smollm2-135m": smollm2,
+}
+
+
+def attach(setup: Setup, params: dict, peft_config: Optional[PeftConfig]) -> nn.Module:
+    """The method on a copy of the frozen model that shares every frozen tensor (so copies cost no memory) and owns
+    the head: a PEFT adapter, or the `baseline` of the training parameters (head-only, full, deep-prompt: VPT-deep)."""
+    head = setup.model.get_submodule(setup.head) if setup.head else nn.Module()
+    own = {id(t) for t in [*head.parameters(), *head.buffers()]}
+    memo = {id(t): t for t in [*setup.model.parameters(), *setup.model.buffers()] if id(t) not in own}
+    model = copy.deepcopy(setup.model, memo).requires_grad_(False)
+    if peft_config is not None:
+        return get_peft_model(model, peft_config)
+    baseline = params.get("baseline")
+    if baseline == "full":
+        model.requires_grad_(True)
+    elif baseline == "deep-prompt":
+        layers = [layer for path in setup.prompt_layers for layer in model.get_submodule(path)]
+        model.deep_prompts = DeepPrompts(layers, params["num_prompts"], setup.hidden_size, init_bound=0.02)
+    elif baseline != "head-only":
+        raise ValueError(
+            f"A cost experiment without adapter_config.json needs `baseline`: head-only, full or deep-prompt; "
+            f"got {baseline!r}"
+        )
+    if setup.head:
+        model.get_submodule(setup.head).requires_grad_(True)
+    return model
+
+
+def count_flops(run: Callable[[], object]) -> int:
+    """FLOPs of `run`, attention included: the counter knows no fused CPU attention kernel, so it runs the math one."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        run()
+    return counter.get_total_flops()
+
+
+def apt_formula_flops(model: nn.Module, run: Callable[[], object]) -> int:
+    """APT's cost by its formula, 4*n*p*d (X @ K^T and A @ P) + 4*p*r*d (K = P + P @ W1 @ W2) per adapted module and
+    forward, with n the query tokens each APT layer sees during `run`."""
+    calls = []
+
+    def log(layer, args, kwargs):
+        query = kwargs.get(layer.query_argument, args[0] if args else None)
+        p, r, d = layer.num_prompts["default"], layer.r["default"], query.shape[-1]
+        calls.append(4 * query.shape[:-1].numel() * p * d + 4 * p * r * d)
+
+    layers = [module for module in model.modules() if isinstance(module, APTLayer)]
+    handles = [layer.register_forward_pre_hook(log, with_kwargs=True) for layer in layers]
+    run()
+    for handle in handles:
+        handle.remove()
+    return sum(calls)
+
+
+def saved_for_backward_bytes(model: nn.Module, forward: Callable[[nn.Module], torch.Tensor]) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward in a training forward, weights and buffers excluded."""
+    fixed = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved = {}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in fixed:
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = forward(model.train())  # alive until counted: no storage is freed and reused meanwhile
+    del output
+    return sum(saved.values())
+
+
+def make_runs(frozen: nn.Module, head_only: nn.Module, model: nn.Module, forward: Callable) -> dict[str, Callable]:
+    """The timed runs: the frozen model's forward, head-only training's step (for a model without a head: a forward
+    in training mode and the loss), the method's inference and its training step (forward, backward, AdamW)."""
+
+    @torch.no_grad()
+    def infer(module: nn.Module) -> None:
+        forward(module.eval())
+
+    def stepper(module: nn.Module) -> Callable[[], None]:
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
+
+        def step() -> None:
+            loss = forward(module.train()).float().square().mean()
+            if loss.requires_grad:
+                loss.backward()
+            if optimizer:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+        return step
+
+    runs = dict(frozen_forward=lambda: infer(frozen), head_only_step=stepper(head_only))
+    return dict(runs, inference=lambda: infer(model), train_step=stepper(model))
+
+
+def timed(run: Callable[[], object], device: torch.device) -> float:
+    """Seconds of `run`: wall time on CUDA (synchronised), else this process's CPU time, which leaves out the time
+    the scheduler gave to other jobs on a shared machine (with one torch thread)."""
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = clock()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return clock() - start
+
+
+def interleaved_times(runs: dict, repetitions: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
+    """Each repetition times every run once, in an order rotated from one repetition to the next, so that drifts in
+    machine load hit all runs alike and cancel in per-repetition ratios; `warmup` untimed rounds first."""
+    names, times = list(runs), {name: [] for name in runs}
+    for repetition in range(-warmup, repetitions):
+        shift = max(repetition, 0) % len(names)
+        for name in names[shift:] + names[:shift]:
+            seconds = timed(runs[name], device)
+            if repetition >= 0:
+                times[name].append(seconds)
+    return times
+
+
+def peak_bytes(run: Callable[[], object], device: torch.device) -> int:
+    """Peak CUDA memory of `run` above what was allocated before it."""
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    run()
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def measure(params: dict, peft_config: Optional[PeftConfig], seed: int) -> tuple[dict, nn.Module]:
+    """Every cost of one setting, per sample; times only off the meta device."""
+    torch.manual_seed(seed)
+    device = torch.device(params["device"])
+    with device:  # models and inputs made where they run: quick even at 7B sizes, and free on the meta device
+        setup = MODELS[params["model"]](params)
+    frozen = setup.model.requires_grad_(False).eval()
+    model = attach(setup, params, peft_config)
+    head = setup.head.split(".") if setup.head else ()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    forward, batch = setup.forward, setup.batch_size
+    frozen_flops = count_flops(torch.no_grad()(lambda: forward(frozen)))
+    flops = count_flops(torch.no_grad()(lambda: forward(model.eval())))
+    metrics = dict(
+        setting=setup.description,
+        **({"image_tokens": setup.image_tokens} if setup.image_tokens else {}),
+        trainable_params=sum(p.numel() for n, p in trainable.items() if not (head and set(head) <= set(n.split(".")))),
+        frozen_forward_flops=frozen_flops // batch,
+        added_forward_flops=(flops - frozen_flops) // batch,
+        apt_formula_flops=apt_formula_flops(model, torch.no_grad()(lambda: forward(model))) // batch,
+        train_step_flops=count_flops(lambda: forward(model.train()).float().square().mean().backward()) // batch,
+    )
+    model.zero_grad(set_to_none=True)
+    if device.type == "meta":
+        return metrics, model
+    metrics["saved_for_backward_bytes"] = saved_for_backward_bytes(model, forward) // batch
+    models = [frozen, attach(setup, {"baseline": "head-only"}, None), model]
+    if params.get("compile"):
+        backend = params["compile_backend"]
+        models = [torch.compile(m.get_base_model() if isinstance(m, PeftModel) else m, backend=backend) for m in models]
+    runs = make_runs(*models, forward)
+    if params.get("compile"):
+        metrics["compile_s"] = {name: timed(run, device) for name, run in runs.items()}  # the first calls compile
+    times = interleaved_times(runs, params["repetitions"], params["warmup"], device)
+    method = peft_config.peft_type.lower().replace("_", "-") if peft_config else params["baseline"]  # its folder name
+    for name, reference, key in [
+        ("inference", "frozen_forward", "inference"),
+        ("train_step", "head_only_step", "step"),
+    ]:
+        ratios = [a / b for a, b in zip(times[name], times[reference])]
+        metrics[f"{key}_time_ratio"] = {method: statistics.median(ratios)}
+    metrics.update(times_s=times, clock="wall" if device.type == "cuda" else "cpu")
+    if device.type == "cuda":
+        metrics["peak_bytes"] = {name: peak_bytes(run, device) for name, run in runs.items()}
+    return metrics, model
+
+
+def run(params: dict, peft_config: Optional[PeftConfig], seed: int) -> dict:
+    """The runner's entry point: the costs of the experiment's method, at each value of `sweep` if there is one."""
+    if params.get("tiny"):
+        params = {**params, **TINY, "device": "meta" if params["device"] == "meta" else "cpu"}
+    (key, values), *_ = (params.get("sweep") or {None: [None]}).items()
+    points, model = [], None
+    for value in values:
+        config = copy.deepcopy(peft_config)
+        if key is not None and hasattr(config, key):
+            config = dataclasses.replace(config, **{key: value})
+        point, model = measure(params if key is None else {**params, key: value}, config, seed)
+        points.append(point if key is None else {key: value, **point})
+    first = points[0]
+    return dict(
+        metrics=first if key is None else {"sweep": key, "points": points},
+        train_losses=None,  # nothing is trained
+        peak_memory_bytes=max(
+            (point["peak_bytes"]["train_step"] for point in points if "peak_bytes" in point), default=None
+        ),
+        trainable_params=first["trainable_params"],
+        added_forward_flops=first["added_forward_flops"],
+        model=None if params["device"] == "meta" else model,  # the runner measures the adapter file of real ones
+    )
