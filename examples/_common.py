@@ -34,12 +34,12 @@ def accelerator_available() -> bool:
     return torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
 
 
-# Trainer defaults that fit APT: its recipe (README, "Choosing hyper-parameters"), lr 3e-3, which no few-shot run lost,
-# with a linear warm-up over the first 10% of the steps, frequent loss logs, and the batch
-# keys our collators build (Trainer would otherwise drop them). `ddp_find_unused_parameters=False`: every trainable
-# parameter takes part in each forward, and DDP then raises instead of silently paying for a graph traversal if one
-# ever does not. `use_cpu` without an accelerator: processes started by torchrun (examples/accelerate/cpu_2proc.yaml)
-# are not told to use the CPU, and would otherwise each train alone instead of joining a gloo group.
+# Trainer defaults that fit APT: its recipe (README, "Choosing hyper-parameters"), lr 3e-3 (no few-shot run collapsed
+# there) with a linear warm-up over the first 10% of the steps, frequent loss logs, and the batch keys our collators
+# build (Trainer would otherwise drop them). `ddp_find_unused_parameters=False`: every trainable parameter takes part
+# in each forward, and DDP then raises instead of silently paying for a graph traversal if one ever does not.
+# `use_cpu` without an accelerator: processes started by torchrun (examples/accelerate/cpu_2proc.yaml) are not told to
+# use the CPU, and would otherwise each train alone instead of joining a gloo group.
 TRAINING_DEFAULTS = dict(
     learning_rate=3e-3,
     warmup_steps=0.1,
