@@ -60,9 +60,12 @@ def load_image(path: str) -> Image.Image:
 
 
 def attach(model, params: dict, peft_config: PeftConfig | None):
-    """The method's parameters trainable, and the projector's: a PEFT adapter or a `baseline` (head-only, full)."""
+    """The method's parameters trainable, and the projector's: a PEFT adapter or a `baseline` (head-only, full), or
+    nothing for `zero-shot` (the aligned model as it is)."""
     model.requires_grad_(False)
     baseline = params.get("baseline")
+    if baseline == "zero-shot":
+        return model
     if peft_config is not None:
         model = get_peft_model(model, peft_config)
     elif baseline == "full":
@@ -70,7 +73,7 @@ def attach(model, params: dict, peft_config: PeftConfig | None):
         model.lm_head.requires_grad_(True)
     elif baseline != "head-only":
         raise ValueError(
-            f"An experiment without adapter_config.json needs `baseline`: head-only or full, got {baseline!r}"
+            f"An experiment without adapter_config.json needs `baseline` (head-only, full, zero-shot), got {baseline!r}"
         )
     projector = [module for name, module in model.named_modules() if name.endswith(PROJECTOR)]
     if len(projector) != 1:
@@ -203,8 +206,9 @@ def run(params: dict, peft_config: PeftConfig | None, seed: int) -> dict:
     test = balanced_test_questions(params["n_test_per_type"], params["data_seed"])
     torch.manual_seed(seed)
     model = attach(copy.deepcopy(base), params, peft_config)
-    steps, batch_size = params["steps"], params["batch_size"]
-    optimizer, schedule = optimiser(model, params, steps)
+    steps = 0 if params.get("baseline") == "zero-shot" else params["steps"]
+    batch_size = params["batch_size"]
+    optimizer, schedule = optimiser(model, params, steps) if steps else (None, None)
     generator = torch.Generator().manual_seed(seed)
     order = torch.cat(
         [
@@ -216,7 +220,7 @@ def run(params: dict, peft_config: PeftConfig | None, seed: int) -> dict:
     one_sample = to_batch(processor, test[:1])  # unpadded
     added_flops = forward_flops(model, one_sample) - forward_flops(base, one_sample)
 
-    memory = training_memory_bytes(model, probe)
+    memory = training_memory_bytes(model, probe) if steps else None
     losses = []
     start = time.perf_counter()
     model.train()
@@ -234,12 +238,12 @@ def run(params: dict, peft_config: PeftConfig | None, seed: int) -> dict:
     metrics["final_train_loss"] = statistics.mean(losses[-max(1, steps // 10) :]) if losses else None
     metrics["projector_params"] = sum(p.numel() for n, p in model.named_parameters() if f"{PROJECTOR}." in n)
     metrics["training_memory_bytes"] = memory
-    if params.get("time_repeats") and seed == params.get("time_seed", 0):
+    if params.get("time_repeats") and steps and seed == params.get("time_seed", 0):
         frozen = attach(copy.deepcopy(base), {**params, "baseline": "head-only"}, None)
         metrics.update(relative_times(frozen, model, params, probe, params["time_repeats"]))
     return {
         "metrics": metrics,
-        "train_losses": losses,
+        "train_losses": losses or None,
         "trainable_params": count_trainable_parameters(model),
         "train_time_s": round(seconds, 2),
         "added_forward_flops": added_flops,
