@@ -10,7 +10,7 @@ import random
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
-    BitImageProcessorPil,
+    BitImageProcessor,
     CLIPTextConfig,
     CLIPTextModel,
     Dinov2Config,
@@ -145,7 +145,7 @@ def tiny_llava_processor(texts: list[str]) -> LlavaProcessor:
     token, and DINOv2's image processing at the tiny vision tower's size."""
     tokenizer = word_tokenizer([*texts, "user: assistant:"], model_max_length=128)
     tokenizer.add_tokens(["<image>"], special_tokens=True)
-    image_processor = BitImageProcessorPil(
+    image_processor = BitImageProcessor(
         size={"height": TINY_LLAVA_IMAGE_SIZE, "width": TINY_LLAVA_IMAGE_SIZE},
         do_center_crop=False,
         do_convert_rgb=True,
