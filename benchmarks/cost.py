@@ -234,14 +234,15 @@ MODELS = {
 def attach(setup: Setup, params: dict, peft_config: Optional[PeftConfig]) -> nn.Module:
     """The method on a copy of the frozen model that shares every frozen tensor (so copies cost no memory) and owns
     the head: a PEFT adapter, or the `baseline` of the training parameters (head-only, full, deep-prompt: VPT-deep)."""
-    head = setup.model.get_submodule(setup.head) if setup.head else nn.Module()
+    full = peft_config is None and params.get("baseline") == "full"  # trains every weight: owns them all
+    head = setup.model if full else setup.model.get_submodule(setup.head) if setup.head else nn.Module()
     own = {id(t) for t in [*head.parameters(), *head.buffers()]}
     memo = {id(t): t for t in [*setup.model.parameters(), *setup.model.buffers()] if id(t) not in own}
     model = copy.deepcopy(setup.model, memo).requires_grad_(False)
     if peft_config is not None:
         return get_peft_model(model, peft_config)
     baseline = params.get("baseline")
-    if baseline == "full":
+    if full:
         model.requires_grad_(True)
     elif baseline == "deep-prompt":
         layers = [layer for path in setup.prompt_layers for layer in model.get_submodule(path)]

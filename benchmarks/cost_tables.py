@@ -30,6 +30,12 @@ def method_of(result: dict) -> str:
     return result["run_info"]["experiment"].split("/")[0]
 
 
+def label(result: dict) -> str:
+    """`apt/llava-1.5-7b-p200` -> `apt p200`: the method and what its experiment sets beyond the model."""
+    method, name = result["run_info"]["experiment"].split("/")
+    return f"{method} {name.removeprefix(result['run_info']['train_params']['model']).strip('-')}".strip()
+
+
 def points(result: dict) -> list[tuple[str, dict]]:
     """(sweep value or "", metrics) per measured point of a result."""
     metrics = result["train_info"]["metrics"]
@@ -52,6 +58,9 @@ def by_model(results: list[dict]) -> dict[str, list[dict]]:
 def where(meta_info: dict) -> str:
     versions = ", ".join(f"{package} {version}" for package, version in meta_info["package_versions"].items())
     return f"- {meta_info['machine']}; {versions}; `{meta_info['command']}`"
+
+
+RATIOS = ("inference_time_ratio", "step_time_ratio")  # to the frozen model's forward, to head-only's step
 
 
 def ratio(point: dict, key: str, method: str) -> str:
@@ -121,11 +130,7 @@ def sweeps_plot(task_dir: Path, results: list[dict]) -> bool:
 
 def vlm_markdown(results: list[dict]) -> str:
     """Added forward GFLOPs per sample on LLaVA-1.5-7B at each sequence length (image tokens + text tokens)."""
-    columns = {
-        r["run_info"]["experiment"]: dict(points(r))
-        for r in results
-        if r["run_info"]["train_params"]["model"] == "llava-1.5-7b"
-    }
+    columns = {label(r): dict(points(r)) for r in results if r["run_info"]["train_params"]["model"] == "llava-1.5-7b"}
     if not columns:
         return ""
     first = next(iter(columns.values()))
@@ -150,22 +155,19 @@ def vlm_markdown(results: list[dict]) -> str:
 
 def step_ratios_markdown(results: list[dict], models: tuple[str, ...]) -> str:
     """Inference (x frozen) and training step (x head-only) per method, measured interleaved in one process."""
-    rows = []
-    for model, group in by_model(results).items():
-        if model in models:
-            for result in group:
-                point, method = points(result)[0][1], method_of(result)
-                rows.append(
-                    [
-                        model,
-                        result["run_info"]["experiment"].split("/")[1],
-                        method,
-                        count(point["added_forward_flops"]),
-                        ratio(point, "inference_time_ratio", method),
-                        ratio(point, "step_time_ratio", method),
-                    ]
-                )
-    return table(["model", "experiment", "method", "added fwd FLOPs", "inference x frozen", "step x head-only"], rows)
+    rows = [
+        [
+            model,
+            label(result),
+            count(point["added_forward_flops"]),
+            *(ratio(point, key, method_of(result)) for key in RATIOS),
+        ]
+        for model, group in by_model(results).items()
+        if model in models
+        for result in group
+        for _, point in points(result)[:1]
+    ]
+    return table(["model", "method", "added fwd FLOPs", "inference x frozen", "step x head-only"], rows)
 
 
 def summary(task_dir: Path, results: list[dict]) -> str:

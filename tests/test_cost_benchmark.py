@@ -107,3 +107,18 @@ def test_a_baseline_it_does_not_know_is_named():
     setup = cost.MODELS["smollm2-135m"](dict(tiny=True, batch_size=1, tokens=4))
     with pytest.raises(ValueError, match="`baseline`.*'lora'"):
         cost.attach(setup, {"baseline": "lora"}, None)
+
+
+def test_methods_on_copies_do_not_unfreeze_or_freeze_each_other():
+    """Variants share the frozen weights; full fine-tuning owns its copy, so a variant made after it (the head-only
+    reference) cannot freeze it again, nor can it unfreeze the frozen model."""
+    setup = cost.MODELS["dinov2-small"](dict(tiny=True, batch_size=1, size=28))
+    setup.model.requires_grad_(False)  # as the runs freeze it
+    full = cost.attach(setup, {"baseline": "full"}, None)
+    head_only = cost.attach(setup, {"baseline": "head-only"}, None)
+    assert all(p.requires_grad for p in full.parameters())
+    assert [n for n, p in head_only.named_parameters() if p.requires_grad] == ["classifier.weight", "classifier.bias"]
+    assert not any(p.requires_grad for p in setup.model.parameters())
+    shared = {id(p) for p in setup.model.parameters()}
+    assert shared.isdisjoint(id(p) for p in full.parameters())
+    assert {id(p) for n, p in head_only.named_parameters() if not n.startswith("classifier")} <= shared
