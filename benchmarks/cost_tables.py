@@ -176,15 +176,33 @@ def summary(task_dir: Path, results: list[dict]) -> str:
         "Added forward FLOPs per sample on LLaVA-1.5-7B (576 image tokens + text; APT p=200 on the language model's "
         "attentions, LoRA r=8 on q and v, prefix tuning 200 virtual tokens):\n\n"
         + vlm_markdown(results)
-        + "\nTime ratios measured in one process (CPU, 1 thread), per method against the same frozen model:\n\n"
-        + step_ratios_markdown(results, ("llava-1.5-scaled", "vilt-b32"))
+        + "\nInference against the frozen model, training step against head-only's, each measured interleaved in one "
+        "process (CPU time, 1 thread):\n\n" + step_ratios_markdown(results, ("llava-1.5-scaled", "vilt-b32"))
     )
+
+
+INTRO = """# cost
+
+What each method adds to a frozen model, with random weights at the real sizes (cost does not depend on them). Per
+sample: the parameters it trains besides the task head, forward FLOPs (torch's FlopCounterMode: matmuls, attention,
+convolutions; LoRA unmerged), training-step FLOPs (forward and backward), the activation bytes autograd saves for
+backward (a deterministic proxy of training memory), and two time ratios measured interleaved in one process,
+medians over the repetitions: inference against the frozen model's forward, and the training step (forward,
+backward, AdamW) against head-only training's (the frozen model and its trained head, or the frozen model's forward
+and loss where there is no head). CPU times are the process's CPU time with one thread; absolute times only beside
+their machine. Run an experiment with `python -m benchmarks.run benchmarks/tasks/cost/experiments/<method>/<name>`."""
 
 
 def details(task_dir: Path, results: list[dict]) -> str:
     """The task's page: every model's table, the VLM table, and the plot of the one-layer sweeps."""
-    parts = ["## LLaVA-1.5-7B, added forward FLOPs per sample\n\n" + vlm_markdown(results)]
+    parts = [INTRO]
+    if not any(result["run_info"]["train_params"]["device"] == "cuda" for result in results):
+        parts.append(
+            "The GPU experiments (`*/vilt-b32-layers-gpu-*`) have no results yet: `bash benchmarks/gpu_check.sh`"
+            " on an H100 or H200 measures them (benchmarks/GPU_RUN.md)."
+        )
+    parts.append("## LLaVA-1.5-7B, added forward FLOPs per sample\n\n" + vlm_markdown(results))
     if sweeps_plot(task_dir, results):
         parts.append(f"## How costs grow\n\n![cost sweeps]({PLOT})")
     parts += [model_markdown(model, group) for model, group in by_model(results).items()]
-    return "\n\n".join(parts)
+    return "\n\n".join(parts) + "\n"
