@@ -61,7 +61,7 @@ def adapter_file_bytes(model) -> int | None:
 
 def run_once(trainer, params: dict, peft_config: PeftConfig | None, seed: int) -> dict:
     """The trainer's run with the runner's measurements: adapter size and peak accelerator memory."""
-    on_cuda = str(params.get("device", "cpu")).startswith("cuda")
+    on_cuda = str(params.get("device", "cpu")).startswith("cuda") and not params.get("tiny")  # tiny runs: on the CPU
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
