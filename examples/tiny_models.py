@@ -51,7 +51,12 @@ def word_tokenizer(texts: list[str], model_max_length: int = 64) -> PreTrainedTo
 
 def tiny_llama(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    return LlamaForCausalLM(tiny_llama_config(tokenizer))
+
+
+def tiny_llama_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+    """A 2-layer Llama of width 64 over `tokenizer`'s vocabulary (the causal-LM examples' and the tiny LLaVA's)."""
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
@@ -63,7 +68,6 @@ def tiny_llama(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCau
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
     )
-    return LlamaForCausalLM(config)
 
 
 def tiny_dinov2(seed: int = 0, **config) -> Dinov2Model:
@@ -175,18 +179,7 @@ def tiny_llava(processor: LlavaProcessor, seed: int = 0) -> LlavaForConditionalG
         patch_size=14,
         use_mask_token=False,
     )
-    text_config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=tokenizer.model_max_length,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
+    text_config = tiny_llama_config(tokenizer)
     config = LlavaConfig(
         vision_config=vision_config,
         text_config=text_config,
