@@ -97,6 +97,17 @@ def tiny_unet(seed: int = 0):
     )
 
 
+def tiny_unet_inputs() -> dict:
+    """Seeded inputs for `tiny_unet`: 7 text tokens against its 256 / 64 image tokens, so a layer that read X from the
+    encoder states instead of the query stream could not match."""
+    g = torch.Generator().manual_seed(3)
+    return {
+        "sample": torch.randn(2, 4, 16, 16, generator=g),
+        "timestep": torch.tensor([10, 500]),
+        "encoder_hidden_states": torch.randn(2, 7, 32, generator=g),
+    }
+
+
 def tiny_stable_diffusion(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> dict:
     """UNet, VAE, text encoder and scheduler of a Stable Diffusion pipeline: 32x32 images, 16x16 latents."""
     from diffusers import AutoencoderKL, DDPMScheduler

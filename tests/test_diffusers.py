@@ -20,21 +20,12 @@ from peft import PeftModel, get_peft_model  # noqa: E402
 from reference import adapter_tensors, randomise_adapter, reference_hooks, run  # noqa: E402
 
 from examples.tiny_models import tiny_unet  # noqa: E402
+from examples.tiny_models import tiny_unet_inputs as unet_inputs  # noqa: E402
 from peft_apt import APTConfig, APTLayer  # noqa: E402
 
 
 def build_unet():
     return tiny_unet(seed=0).eval()
-
-
-def unet_inputs():
-    g = torch.Generator().manual_seed(3)
-    # 7 text tokens against 256 / 64 image tokens: a layer that read X from the encoder states could not match
-    return {
-        "sample": torch.randn(2, 4, 16, 16, generator=g),
-        "timestep": torch.tensor([10, 500]),
-        "encoder_hidden_states": torch.randn(2, 7, 32, generator=g),
-    }
 
 
 BLOCKS = [

@@ -14,7 +14,7 @@ from peft.helpers import disable_input_dtype_casting
 from transformers import AutoModelForCausalLM, pipeline
 
 import peft_apt  # noqa: F401  (registers APT)
-from examples.tiny_models import tiny_corpus, tiny_llama, tiny_unet, word_tokenizer
+from examples.tiny_models import tiny_corpus, tiny_llama, tiny_unet, tiny_unet_inputs, word_tokenizer
 from peft_apt import APTConfig, APTLayer
 
 ADAPTERS = ("lora", "apt")
@@ -197,18 +197,9 @@ def test_trl_sft_trainer_chat_template_trains_new_tokens_and_reloads(kind, token
 # diffusers
 
 
-def unet_inputs():
-    g = torch.Generator().manual_seed(3)
-    return {
-        "sample": torch.randn(2, 4, 16, 16, generator=g),
-        "timestep": torch.tensor([10, 500]),
-        "encoder_hidden_states": torch.randn(2, 7, 32, generator=g),
-    }
-
-
 def unet_output(unet):
     with torch.no_grad():
-        return unet(**unet_inputs()).sample
+        return unet(**tiny_unet_inputs()).sample
 
 
 @pytest.mark.parametrize("kind", ADAPTERS)
@@ -348,7 +339,8 @@ def test_apt_term_runs_in_the_compute_dtype_when_adapter_tensors_are_fp32():
             elif p.dtype == torch.float32:
                 p.data = p.data.to(torch.bfloat16)
     inputs = {
-        key: value.to(torch.bfloat16) if value.is_floating_point() else value for key, value in unet_inputs().items()
+        key: value.to(torch.bfloat16) if value.is_floating_point() else value
+        for key, value in tiny_unet_inputs().items()
     }
     with torch.no_grad():
         got, expected = model(**inputs).sample, reference(**inputs).sample
