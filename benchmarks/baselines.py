@@ -163,9 +163,16 @@ def reference_optimiser(named_parameters: dict[str, nn.Parameter], lr: float, st
 
 def optimiser_for(parameters: dict[str, nn.Parameter], params: dict, steps: int, warmup_steps: int):
     """(optimizer, schedule) of a benchmark run: AdamW with the training parameters' `lr`, `weight_decay` and
-    `adam_betas`, linear warm-up then cosine decay; or with `optimiser: reference` the authors' (above)."""
+    `adam_betas`, linear warm-up then cosine decay; or with `optimiser: reference` the authors' (above). Parameters
+    named `head.*` learn `head_lr_ratio` times faster (1 unless given)."""
     if params.get("optimiser") == "reference":
         return reference_optimiser(parameters, params["lr"], steps, warmup_steps)
     betas, weight_decay = tuple(params.get("adam_betas", (0.9, 0.999))), params.get("weight_decay", 0.0)
-    optimizer = torch.optim.AdamW(parameters.values(), lr=params["lr"], betas=betas, weight_decay=weight_decay)
+    head_lr = params["lr"] * params.get("head_lr_ratio", 1.0)
+    groups = [
+        {"params": [p for n, p in parameters.items() if n.startswith("head.") == is_head], "lr": lr}
+        for is_head, lr in ((False, params["lr"]), (True, head_lr))
+    ]
+    groups = [group for group in groups if group["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=params["lr"], betas=betas, weight_decay=weight_decay)
     return optimizer, get_cosine_schedule_with_warmup(optimizer, warmup_steps, steps)

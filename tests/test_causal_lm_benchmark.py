@@ -1,6 +1,7 @@
 """The benchmark trainers' options: the authors' optimiser, Adam's betas and APT's init constants."""
 
 import pytest
+import torch
 from peft import get_peft_model
 
 from benchmarks.baselines import optimiser_for
@@ -31,6 +32,14 @@ def test_reference_optimiser_is_the_authors():
     assert rates[1] - rates[2] == pytest.approx(rates[2] - rates[3])
     (own,) = optimiser_for(parameters, {"lr": 1e-3, "adam_betas": [0.9, 0.98]}, 10, 1)[0].param_groups
     assert own["betas"] == (0.9, 0.98) and own["weight_decay"] == 0.0
+
+
+def test_head_lr_ratio_scales_only_the_head():
+    adapter, head = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+    parameters = {"encoder.apt_prompt": adapter, "head.weight": head}
+    optimizer, schedule = optimiser_for(parameters, {"lr": 1e-3, "head_lr_ratio": 10}, steps=10, warmup_steps=0)
+    assert [(group["params"], group["lr"]) for group in optimizer.param_groups] == [([adapter], 1e-3), ([head], 1e-2)]
+    assert [group["lr"] for group in optimiser_for(parameters, {"lr": 1e-3}, 10, 0)[0].param_groups] == [1e-3, 1e-3]
 
 
 def test_apt_constants_scale_the_initial_prompts_and_keys():
