@@ -30,7 +30,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from peft_apt import APTLayer
 
 from .baselines import DeepPrompts
-from .cost_tables import details, summary  # noqa: F401  (the task's pages: benchmarks.report asks the trainer)
 
 TINY = dict(repetitions=1, warmup=0, compile_backend="aot_eager", layers=2, tokens=16)  # on the CPU, off meta
 TINY_LAYER = dict(hidden_size=32, num_attention_heads=2, intermediate_size=37)

@@ -3,7 +3,9 @@
 Writes benchmarks/RESULTS.md (per task the methods at their best learning rate), each task's RESULTS.md (every rate,
 seed, training loss, command line and machine), benchmarks/DESIGN_STUDIES.md (experiments with `design_study`, APT
 parametrisations other than the installed one, and the tasks kept off the front page) and the table "Where APT trails
-LoRA" in the top-level README. Nothing is measured here: every figure comes from `tasks/*/results/*.json`.
+LoRA" in the top-level README. The cost task, whose results are measurements per model rather than one metric per
+method, has pages of its own (the end of this file). Nothing is measured here: every figure comes from
+`tasks/*/results/*.json`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from types import ModuleType
 
 from peft_apt import APTConfig
 
-from .plots import plot_best_vs_flops
+from .plots import plot_best_vs_flops, plot_cost_sweeps
 from .records import read_results
 
 BENCHMARKS = Path(__file__).resolve().parent
@@ -51,6 +53,10 @@ class Task:
         return self.folder.name
 
     @property
+    def is_cost(self) -> bool:
+        return self.params["trainer"] == "cost"
+
+    @property
     def steps(self) -> int:
         params = self.params
         if "epochs" in params:
@@ -62,6 +68,9 @@ class Task:
 
     def best_lr(self, by_lr: dict[float, list[float]]) -> float:
         return best_lr(by_lr, self.trainer.HIGHER_IS_BETTER)
+
+    def best_mean(self, by_lr: dict[float, list[float]]) -> float:
+        return statistics.mean(by_lr[self.best_lr(by_lr)])
 
     def cell(self, values: list[float]) -> str:
         """`mean ± std` over seeds; `(n=1)` marks a single run."""
@@ -79,6 +88,12 @@ def load_tasks() -> list[Task]:
         results = [r for r in read_results(path.parent) if r["run_info"]["status"] == "success"]
         tasks.append(Task(path.parent, params, trainer, results))
     return tasks
+
+
+def markdown_table(header: list[str], rows: list[list], left: int = 1) -> list[str]:
+    """The lines of a markdown table whose first `left` columns are aligned left and the others right."""
+    rule = "|" + "---|" * left + "---:|" * (len(header) - left)
+    return [f"| {' | '.join(header)} |", rule, *(f"| {' | '.join(map(str, row))} |" for row in rows)]
 
 
 def split_lr(experiment: str) -> tuple[str, float]:
@@ -107,16 +122,21 @@ def sweeps(task: Task, results: list[dict], dataset: str | None, value=None) -> 
     return {label: dict(sorted(by_lr.items())) for label, by_lr in sorted(table.items())}
 
 
-def best_mean(task: Task, by_lr: dict[float, list[float]]) -> str:
-    return f"{statistics.mean(by_lr[task.best_lr(by_lr)]):.{task.trainer.METRIC_DIGITS}f}"
-
-
 def best_lr(by_lr: dict[float, list[float]], higher_is_better: bool = True) -> float:
     """The rate a sweep settled on: the best mean among the rates run with the most seeds (sweeps run one seed per
     rate, then more seeds at the best one, whose mean may fall below a one-seed neighbour's)."""
     most = max(len(values) for values in by_lr.values())
     chosen = [lr for lr, values in by_lr.items() if len(values) == most]
     return (max if higher_is_better else min)(chosen, key=lambda lr: statistics.mean(by_lr[lr]))
+
+
+def best_cell(task: Task, by_lr: dict[float, list[float]] | None) -> str:
+    """`86.3 ± 3.5 (lr 0.01)`, `32.8 (n=1, lr 0.01)` at the best rate; empty for a method that did not run."""
+    if not by_lr:
+        return ""
+    lr = task.best_lr(by_lr)
+    cell = task.cell(by_lr[lr])
+    return f"{cell[:-1]}, lr {lr:g})" if cell.endswith(")") else f"{cell} (lr {lr:g})"
 
 
 def datasets_of(task: Task) -> list[str | None]:
@@ -147,55 +167,41 @@ def step_time_ratios(task: Task, tasks: list[Task]) -> dict[str, float]:
 def best_table(task: Task, results: list[dict], tasks: list[Task]) -> list[str]:
     """Each method at its best rate per dataset, with what it costs."""
     per_dataset = {dataset: sweeps(task, results, dataset) for dataset in datasets_of(task)}
-    labels = sorted({label for table in per_dataset.values() for label in table})
     ratios = step_time_ratios(task, tasks)
-    metric = f"{task.trainer.METRIC}{' %' if task.trainer.METRIC_SCALE == 100 else ''}"
-    header = [f"{dataset or metric} at the best lr" for dataset in per_dataset]
-    lines = [f"| method | {' | '.join(header)} | trainable params | adapter MB | added GFLOPs | step vs head-only |"]
-    lines.append("|---|" + "---:|" * (len(header) + 4))
-    for label in labels:
-        cells = []
-        for table in per_dataset.values():
-            by_lr = table.get(label)
-            cells.append(with_lr(task.cell(by_lr[task.best_lr(by_lr)]), task.best_lr(by_lr)) if by_lr else "")
+    rows = []
+    for label in sorted({label for table in per_dataset.values() for label in table}):
         info = first(results, label)["train_info"]
-        flops = f"{info['added_forward_flops'] / 1e9:.3g}" if info["added_forward_flops"] is not None else ""
-        ratio = ratios.get(label.split("/")[0])
-        lines.append(f"| {label} | {' | '.join(cells)} | {info['trainable_params']:,} | {adapter_mb(results, label)} | "
-                     f"{flops} | {f'{ratio:.2f}x' if ratio else ''} |")  # fmt: skip
-    return lines
-
-
-def with_lr(cell: str, lr: float) -> str:
-    """`86.3 ± 3.5` -> `86.3 ± 3.5 (lr 0.01)`; `32.8 (n=1)` -> `32.8 (n=1, lr 0.01)`."""
-    return f"{cell[:-1]}, lr {lr:g})" if cell.endswith(")") else f"{cell} (lr {lr:g})"
+        flops, ratio = info["added_forward_flops"], ratios.get(label.split("/")[0])
+        rows.append([label, *(best_cell(task, table.get(label)) for table in per_dataset.values())])
+        rows[-1] += [f"{info['trainable_params']:,}", adapter_mb(results, label)]
+        rows[-1] += ["" if flops is None else f"{flops / 1e9:.3g}", f"{ratio:.2f}x" if ratio else ""]
+    metric = f"{task.trainer.METRIC}{' %' if task.trainer.METRIC_SCALE == 100 else ''}"
+    header = ["method", *(f"{dataset or metric} at the best lr" for dataset in per_dataset)]
+    return markdown_table(header + ["trainable params", "adapter MB", "added GFLOPs", "step vs head-only"], rows)
 
 
 def lr_table(task: Task, table: dict[str, dict[float, list[float]]], cell=None) -> list[str]:
     """One row per method, one column per learning rate."""
     lrs = sorted({lr for by_lr in table.values() for lr in by_lr})
-    lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---:|" * len(lrs)]
-    for label, by_lr in table.items():
-        cells = [(cell or task.cell)(by_lr[lr]) if lr in by_lr else "" for lr in lrs]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return lines
+    cell = cell or task.cell
+    rows = [[label, *(cell(by_lr[lr]) if lr in by_lr else "" for lr in lrs)] for label, by_lr in table.items()]
+    return markdown_table(["method", *(f"lr {lr:g}" for lr in lrs)], rows)
 
 
 def diagnostics_table(results: list[dict]) -> list[str]:
     """Means over seeds of the diagnostics the runs recorded, per method, dataset and rate."""
-    rows = {}
+    runs = {}
     for r in results:
         label, lr = split_lr(r["run_info"]["experiment"])
-        rows.setdefault((label, r["run_info"]["dataset"] or "", lr), []).append(r["train_info"]["metrics"])
-    keys = [key for key in DIAGNOSTICS if any(key in m for runs in rows.values() for m in runs)]
+        runs.setdefault((label, r["run_info"]["dataset"] or "", lr), []).append(r["train_info"]["metrics"])
+    keys = [key for key in DIAGNOSTICS if any(key in m for metrics in runs.values() for m in metrics)]
     if not keys:
         return []
-    lines = ["| method | dataset | lr | " + " | ".join(DIAGNOSTICS[k] for k in keys) + " |"]
-    lines.append("|---|---|---:|" + "---:|" * len(keys))
-    for (label, dataset, lr), runs in sorted(rows.items()):
-        cells = [f"{statistics.mean(m[k] for m in runs):.3f}" if k in runs[0] else "" for k in keys]
-        lines.append(f"| {label} | {dataset} | {lr:g} | " + " | ".join(cells) + " |")
-    return lines
+    rows = []
+    for (label, dataset, lr), metrics in sorted(runs.items()):
+        means = [f"{statistics.mean(m[k] for m in metrics):.3f}" if k in metrics[0] else "" for k in keys]
+        rows.append([label, dataset, f"{lr:g}", *means])
+    return markdown_table(["method", "dataset", "lr", *(DIAGNOSTICS[k] for k in keys)], rows, left=2)
 
 
 def answer(task: Task, results: list[dict]) -> str:
@@ -205,13 +211,11 @@ def answer(task: Task, results: list[dict]) -> str:
         table = sweeps(task, results, dataset)
         apt, lora = default_apt(results), next((label for label in table if label.startswith("lora/")), None)
         if apt in table and lora:
-            ours, theirs = (statistics.mean(table[m][task.best_lr(table[m])]) for m in (apt, lora))
-            digits = task.trainer.METRIC_DIGITS
+            ours, theirs, digits = task.best_mean(table[apt]), task.best_mean(table[lora]), task.trainer.METRIC_DIGITS
             parts.append(f"{dataset + ' ' if dataset else ''}{ours:.{digits}f} against {theirs:.{digits}f}")
     better = "higher" if task.trainer.HIGHER_IS_BETTER else "lower"
-    return f"APT's default against LoRA, each at its best rate ({task.trainer.METRIC}, {better} is better): " + (
-        "; ".join(parts) + "."
-    )
+    metric = f"{task.trainer.METRIC}, {better} is better"
+    return f"APT's default against LoRA, each at its best rate ({metric}): {'; '.join(parts)}."
 
 
 def default_apt(results: list[dict]) -> str | None:
@@ -231,16 +235,14 @@ def plot(task: Task, results: list[dict]) -> str:
     for dataset in datasets_of(task):
         for label, by_lr in sweeps(task, results, dataset).items():
             flops = first(results, label)["train_info"]["added_forward_flops"] or 0
-            panels.setdefault(dataset or task.trainer.METRIC, {})[label] = (
-                flops / 1e9, statistics.mean(by_lr[task.best_lr(by_lr)])
-            )  # fmt: skip
+            panels.setdefault(dataset or task.trainer.METRIC, {})[label] = (flops / 1e9, task.best_mean(by_lr))
     plot_best_vs_flops(panels, task.folder / "best-vs-flops.png", task.trainer.METRIC)
     return "best-vs-flops.png"
 
 
 def front_page_section(task: Task, tasks: list[Task]) -> list[str]:
-    if hasattr(task.trainer, "summary"):
-        return [f"## {task.name}", "", task.trainer.summary(task.folder, task.results), ""]
+    if task.is_cost:
+        return [f"## {task.name}", "", cost_summary(task.results), ""]
     results = [r for r in task.results if is_main(r)]
     link = f"tasks/{task.name}/RESULTS.md"
     return [
@@ -280,20 +282,22 @@ def front_page(tasks: list[Task]) -> str:
     ])  # fmt: skip
 
 
+def versions(meta_info: dict) -> str:
+    return ", ".join(f"{package} {version}" for package, version in (meta_info["package_versions"] or {}).items())
+
+
 def runs_table(task: Task) -> list[str]:
     """Every run: its metric, final training loss, training time and the machine and command it ran with."""
-    machines, commands = {}, {}
-    lines = ["| experiment | dataset | seed | " + task.trainer.METRIC + " | train s | machine | command |"]
-    lines.append("|---|---|---:|---:|---:|---:|---:|")
+    machines, commands, rows = {}, {}, []
     for r in task.results:
-        run, meta = r["run_info"], r["meta_info"]
-        versions = ", ".join(f"{k} {v}" for k, v in (meta["package_versions"] or {}).items())
-        machine = machines.setdefault(f"{meta['machine'] or 'not recorded'}; {versions}", len(machines) + 1)
+        run, meta, seconds = r["run_info"], r["meta_info"], r["train_info"]["train_time_s"]
+        machine = machines.setdefault(f"{meta['machine'] or 'not recorded'}; {versions(meta)}", len(machines) + 1)
         command = commands.setdefault(meta["command"] or "not recorded", len(commands) + 1)
-        seconds = r["train_info"]["train_time_s"]
         value = f"{task.scaled(r):.{task.trainer.METRIC_DIGITS + 1}f}"
-        lines.append(f"| {run['experiment']} | {run['dataset'] or ''} | {run['seed']} | {value} | "
-                     f"{'' if seconds is None else seconds} | {machine} | {command} |")  # fmt: skip
+        seconds = "" if seconds is None else seconds
+        rows.append([run["experiment"], run["dataset"] or "", run["seed"], value, seconds, machine, command])
+    header = ["experiment", "dataset", "seed", task.trainer.METRIC, "train s", "machine", "command"]
+    lines = markdown_table(header, rows, left=2)
     lines += ["", "Machines and versions:", ""] + [f"{n}. {m}" for m, n in machines.items()]
     lines += ["", "Commands:", ""] + [f"{n}. `{c}`" for c, n in commands.items()]
     return lines
@@ -354,20 +358,19 @@ def study_of(result: dict) -> str | None:
 
 def trails_table(tasks: list[Task]) -> list[str]:
     """README's short table: APT, LoRA, deep prompt and head-only (or the frozen model) at their best rates."""
-    lines = ["| setting | budget | APT | LoRA | deep prompt | head-only / frozen |", "|---|---|---:|---:|---:|---:|"]
-    for task in (task for task in front_page_tasks(tasks) if not hasattr(task.trainer, "summary")):
+    rows = []
+    for task in (task for task in front_page_tasks(tasks) if not task.is_cost):
         main = [r for r in task.results if is_main(r)]
         for dataset in datasets_of(task):
             table = sweeps(task, main, dataset)
-            labels = [default_apt(main)]
-            labels += [next((x for x in table if x.startswith(p)), None) for p in ROLES]
-            cells = [best_mean(task, table[label]) if label in table else "" for label in labels]
+            labels = [default_apt(main)] + [next((x for x in table if x.startswith(p)), None) for p in ROLES]
+            digits = task.trainer.METRIC_DIGITS
+            cells = [f"{task.best_mean(table[label]):.{digits}f}" if label in table else "" for label in labels]
             frozen = main[0]["train_info"]["metrics"].get("frozen_perplexity")
             cells[-1] = cells[-1] or (f"{frozen:.2f} (frozen)" if frozen else "")
             setting = f"{task.name}{', ' + dataset if dataset else ''}"
-            link = f"benchmarks/tasks/{task.name}/RESULTS.md"
-            lines.append(f"| [{setting}]({link}) | {task.steps} steps | " + " | ".join(cells) + " |")
-    return lines
+            rows.append([f"[{setting}](benchmarks/tasks/{task.name}/RESULTS.md)", f"{task.steps} steps", *cells])
+    return markdown_table(["setting", "budget", "APT", "LoRA", "deep prompt", "head-only / frozen"], rows, left=2)
 
 
 def write_readme_table(tasks: list[Task]) -> None:
@@ -378,12 +381,179 @@ def write_readme_table(tasks: list[Task]) -> None:
         README.write_text(f"{head}{TRAILS_BEGIN}\n{table}\n{TRAILS_END}{rest.split(TRAILS_END, 1)[1]}")
 
 
+COST_INTRO = """# cost
+
+What each method adds to a frozen model, with random weights at the real sizes (cost does not depend on them). Per
+sample: the parameters it trains besides the task head, forward FLOPs (torch's FlopCounterMode: matmuls, attention,
+convolutions; LoRA unmerged), training-step FLOPs (forward and backward), the activation bytes autograd saves for
+backward (a deterministic proxy of training memory), and two time ratios measured interleaved in one process,
+medians over the repetitions: inference against the frozen model's forward, and the training step (forward,
+backward, AdamW) against head-only training's (the frozen model and its trained head, or the frozen model's forward
+and loss where there is no head). CPU times are the process's CPU time with one thread; absolute times only beside
+their machine. Run an experiment with `python -m benchmarks.run benchmarks/tasks/cost/experiments/<method>/<name>`."""
+COST_PLOT = "cost-sweeps.png"  # beside the cost task's page
+SWEPT_LAYER = "vilt-b32-layers"  # the one-layer sweeps of the plot: how each cost grows with p and n
+PLOT_NAMES = {"apt": "APT", "deep-prompt": "deep prompt", "lora": "LoRA"}  # as the plots style them
+
+
+def count(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return ""
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{prefix}{unit}"
+    return f"{value:.0f}{unit}"
+
+
+def method_of(result: dict) -> str:
+    return result["run_info"]["experiment"].split("/")[0]
+
+
+def cost_label(result: dict) -> str:
+    """`apt/llava-1.5-7b-p200` -> `apt p200`: the method and what its experiment sets beyond the model."""
+    method, name = result["run_info"]["experiment"].split("/")
+    return f"{method} {name.removeprefix(result['run_info']['train_params']['model']).strip('-')}".strip()
+
+
+def points(result: dict) -> list[tuple[str, dict]]:
+    """(sweep value or "", metrics) per measured point of a cost result."""
+    metrics = result["train_info"]["metrics"]
+    if "points" not in metrics:
+        return [("", metrics)]
+    return [(f"{metrics['sweep']}={point[metrics['sweep']]}", point) for point in metrics["points"]]
+
+
+def by_model(results: list[dict]) -> dict[str, list[dict]]:
+    """Cost results grouped by model and, where it is not the CPU, device."""
+    groups = {}
+    for result in results:
+        params = result["run_info"]["train_params"]
+        device = "" if params["device"] == "cpu" else f" ({params['device']})"
+        groups.setdefault(params["model"] + device, []).append(result)
+    return groups
+
+
+def ratio(point: dict, key: str, method: str) -> str:
+    value = point.get(key, {}).get(method)
+    return "" if value is None else f"{value:.3f}x"
+
+
+def frozen_ms(point: dict) -> str:
+    return f"{1e3 * statistics.median(point['times_s']['frozen_forward']):.1f}" if "times_s" in point else ""
+
+
+COST_COLUMNS = {  # header: cell of (method, point); columns empty in every row are left out
+    "added params": lambda m, p: count(p.get("trainable_params")),
+    "added fwd FLOPs": lambda m, p: count(p["added_forward_flops"]),
+    "by APT's formula": lambda m, p: count(p["apt_formula_flops"]) if p["apt_formula_flops"] else "",
+    "fwd FLOPs x frozen": lambda m, p: f"{1 + p['added_forward_flops'] / p['frozen_forward_flops']:.3f}x",
+    "train-step FLOPs": lambda m, p: count(p["train_step_flops"]),
+    "saved for backward": lambda m, p: count(p.get("saved_for_backward_bytes"), "B"),
+    "inference x frozen": lambda m, p: ratio(p, "inference_time_ratio", m),
+    "step x head-only": lambda m, p: ratio(p, "step_time_ratio", m),
+    "frozen fwd ms": lambda m, p: frozen_ms(p),
+    "peak step memory": lambda m, p: count(p.get("peak_bytes", {}).get("train_step"), "B"),
+    "compile s": lambda m, p: f"{sum(p['compile_s'].values()):.1f}" if "compile_s" in p else "",
+}
+
+
+def text_table(header: list[str], rows: list[list]) -> str:
+    """A cost table: every column aligned left, a newline after the last row."""
+    return "\n".join(markdown_table(header, rows, left=len(header))) + "\n"
+
+
+def model_section(model: str, results: list[dict]) -> str:
+    """One model's table (a row per experiment and sweep value), then where and how it was measured."""
+    rows = [
+        [result["run_info"]["experiment"], value, *(cell(method_of(result), point) for cell in COST_COLUMNS.values())]
+        for result in results
+        for value, point in points(result)
+    ]
+    keep = [i for i in range(len(COST_COLUMNS) + 2) if any(row[i] for row in rows)]
+    header = ["experiment", "setting", *COST_COLUMNS]
+    table = text_table([header[i] for i in keep], [[row[i] for i in keep] for row in rows])
+    metas = [result["meta_info"] for result in results]
+    where = sorted({f"- {meta['machine']}; {versions(meta)}; `{meta['command']}`" for meta in metas})
+    return f"### {model}\n\n{points(results[0])[0][1]['setting']}\n\n" + table + "\n" + "\n".join(where)
+
+
+def sweeps_plot(folder: Path, results: list[dict]) -> bool:
+    """The one-layer sweeps' added FLOPs and training step (x head-only) against p and n; False if there are none."""
+    sweeps = {}
+    for result in results:
+        metrics, method = result["train_info"]["metrics"], method_of(result)
+        key = metrics.get("sweep")
+        if result["run_info"]["train_params"]["model"] != SWEPT_LAYER or key not in ("num_prompts", "tokens"):
+            continue
+        sweep = sweeps.setdefault(key, dict(variable=key, title=f"one ViLT-B layer, by {key}", flops={}, step={}))
+        sweep["values"] = [point[key] for point in metrics["points"]]
+        sweep["flops"][PLOT_NAMES[method]] = [point["added_forward_flops"] / 1e9 for point in metrics["points"]]
+        sweep["step"][PLOT_NAMES[method]] = [point["step_time_ratio"][method] for point in metrics["points"]]
+        if method == "apt":
+            sweep["flops"]["APT (analytic)"] = [point["apt_formula_flops"] / 1e9 for point in metrics["points"]]
+    if sweeps:
+        plot_cost_sweeps(list(sweeps.values()), folder / COST_PLOT)
+    return bool(sweeps)
+
+
+def llava_table(results: list[dict]) -> str:
+    """Added forward GFLOPs per sample on LLaVA-1.5-7B at each sequence length (image tokens + text tokens)."""
+    llava = [r for r in results if r["run_info"]["train_params"]["model"] == "llava-1.5-7b"]
+    if not llava:
+        return ""
+    columns = [[point for _, point in points(result)] for result in llava]  # per method, a point per length
+    rows = []
+    for same_length in zip(*columns):
+        first, frozen = same_length[0], same_length[0]["frozen_forward_flops"]
+        added = [point["added_forward_flops"] for point in same_length]
+        rows.append([f"{first['image_tokens']} + {first['text_tokens']}", f"{frozen / 1e9:,.0f}"])
+        rows[-1] += [f"{flops / 1e9:.2f} ({100 * flops / frozen:.2f}%)" for flops in added]
+    per_token = []  # the cost is linear in the tokens n: a + b*n, read from the shortest and the longest sequence
+    for low, *_, high in columns:
+        slope = (high["added_forward_flops"] - low["added_forward_flops"]) / (high["text_tokens"] - low["text_tokens"])
+        per_token.append(f"{slope / 1e6:.1f} M")
+    header = ["tokens (image + text)", "frozen GFLOPs", *(f"{cost_label(r)} added GFLOPs" for r in llava)]
+    return text_table(header, [*rows, ["per further token", "", *per_token]])
+
+
+def cost_summary(results: list[dict]) -> str:
+    """The front page's cost section: what each method adds on LLaVA-1.5-7B and the measured step-time ratios."""
+    rows = []
+    for model in ("llava-1.5-scaled", "vilt-b32"):
+        for result in by_model(results).get(model, []):
+            point, method = points(result)[0][1], method_of(result)
+            rows.append([model, cost_label(result), count(point["added_forward_flops"])])
+            rows[-1] += [ratio(point, "inference_time_ratio", method), ratio(point, "step_time_ratio", method)]
+    return (
+        "Added forward FLOPs per sample on LLaVA-1.5-7B (576 image tokens + text; APT p=200 on the language model's "
+        "attentions, LoRA r=8 on q and v, prefix tuning 200 virtual tokens):\n\n"
+        + llava_table(results)
+        + "\nInference against the frozen model, training step against head-only's, each measured interleaved in one "
+        "process (CPU time, 1 thread):\n\n"
+        + text_table(["model", "method", "added fwd FLOPs", "inference x frozen", "step x head-only"], rows)
+    )
+
+
+def cost_page(folder: Path, results: list[dict]) -> str:
+    """The cost task's page: every model's table, the LLaVA table, and the plot of the one-layer sweeps."""
+    parts = [COST_INTRO]
+    if not any(result["run_info"]["train_params"]["device"] == "cuda" for result in results):
+        parts.append(
+            "The GPU experiments (`*/vilt-b32-layers-gpu-*`) have no results yet: `bash benchmarks/gpu_check.sh`"
+            " on an H100 or H200 measures them (benchmarks/GPU_RUN.md)."
+        )
+    parts.append("## LLaVA-1.5-7B, added forward FLOPs per sample\n\n" + llava_table(results))
+    if sweeps_plot(folder, results):
+        parts.append(f"## How costs grow\n\n![cost sweeps]({COST_PLOT})")
+    parts += [model_section(model, group) for model, group in by_model(results).items()]
+    return "\n\n".join(parts) + "\n"
+
+
 def main() -> None:
     tasks = load_tasks()
     (BENCHMARKS / "RESULTS.md").write_text(front_page(tasks))
     for task in (task for task in tasks if task.results):
-        details = getattr(task.trainer, "details", None)
-        page = details(task.folder, task.results) if details else task_page(task, tasks)
+        page = cost_page(task.folder, task.results) if task.is_cost else task_page(task, tasks)
         (task.folder / "RESULTS.md").write_text(page)
     design = BENCHMARKS / "DESIGN_STUDIES.md"
     kept = CALIBRATION.search(design.read_text()) if design.exists() else None

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import cost, cost_tables, run
+from benchmarks import cost, report, run
 
 TASK = Path(__file__).parents[1] / "benchmarks" / "tasks" / "cost"
 LLAVA = ["apt/llava-1.5-7b-p200", "lora/llava-1.5-7b-r8-qv", "prefix-tuning/llava-1.5-7b-p200"]
@@ -93,10 +93,10 @@ def test_llava_added_flops_match_each_methods_formula(results):
 
 def test_pages_render_from_the_results(results, tmp_path):
     listed = list(results.values())
-    summary = cost_tables.summary(tmp_path, listed)
+    summary = report.cost_summary(listed)
     assert len(summary.splitlines()) <= 25 and "| 4 + 64 |" in summary
-    page = cost_tables.details(tmp_path, listed)
-    assert (tmp_path / cost_tables.PLOT).stat().st_size > 0 and f"]({cost_tables.PLOT})" in page
+    page = report.cost_page(tmp_path, listed)
+    assert (tmp_path / report.COST_PLOT).stat().st_size > 0 and f"]({report.COST_PLOT})" in page
     for experiment in EXPERIMENTS:
         assert experiment in page
 
