@@ -24,18 +24,6 @@ def count_trainable_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def find_encoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The longest `ModuleList` named `layer`, `layers` or `blocks`: the transformer blocks in ViT-family models."""
-    candidates = [
-        module
-        for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layer", "layers", "blocks")
-    ]
-    if not candidates:
-        raise ValueError(f"Found no encoder layer list in {type(model).__name__}; pass the layers explicitly")
-    return max(candidates, key=len)
-
-
 def vpt_init_bound(patch_fan_in: int, hidden_size: int) -> float:
     """VPT's prompt init: the xavier-uniform bound of the patch embedding (fan-in channels * patch area)."""
     return math.sqrt(6.0 / (patch_fan_in + hidden_size))
@@ -54,36 +42,20 @@ def _insert_rows_or_cols(mask: torch.Tensor, dim: int, at: int, count: int) -> t
 class DeepPrompts(nn.Module):
     """Per-layer prompt tokens attached to an encoder's layers with hooks (VPT-deep).
 
-    Args:
-        layers: the encoder blocks, in order; one prompt set per block.
-        num_prompts: prompt tokens per layer (p).
-        hidden_size: token width.
-        init_bound: prompts start uniform in [-init_bound, init_bound] (see `vpt_init_bound`).
-        insert_at: sequence position of the first prompt; 1 puts them right after the CLS token as VPT does.
-        dropout: dropout on the prompts (VPT uses 0.1 for some datasets).
-
-    With `output_hidden_states=True`, transformers records `hidden_states[0]` from layer 0's input as the layer sees
-    it, so that one entry carries the layer-0 prompts; the other entries and `last_hidden_state` do not.
+    Each of the `layers` gets `num_prompts` tokens of width `hidden_size`, right after the CLS token as in VPT,
+    starting uniform in [-init_bound, init_bound] (see `vpt_init_bound`). With `output_hidden_states=True`,
+    transformers records `hidden_states[0]` from layer 0's input as the layer sees it, so that one entry carries the
+    layer-0 prompts; the other entries and `last_hidden_state` do not.
     """
 
-    def __init__(
-        self,
-        layers: Sequence[nn.Module],
-        num_prompts: int,
-        hidden_size: int,
-        init_bound: float,
-        insert_at: int = 1,
-        dropout: float = 0.0,
-    ):
+    def __init__(self, layers: Sequence[nn.Module], num_prompts: int, hidden_size: int, init_bound: float):
         super().__init__()
         self.num_prompts = num_prompts
-        self.insert_at = insert_at
         # On the layers' device and in their dtype: a model moved before its prompts were added must not join
         # CPU prompts to CUDA hidden states (nor pay a copy per call).
         where = next((dict(device=p.device, dtype=p.dtype) for layer in layers for p in layer.parameters()), {})
         self.prompts = nn.Parameter(torch.empty(len(layers), num_prompts, hidden_size, **where))
         nn.init.uniform_(self.prompts, -init_bound, init_bound)
-        self.dropout = dropout
         self._handles = []
         for index, layer in enumerate(layers):
             self._handles.append(layer.register_forward_pre_hook(self._make_pre_hook(index, layer), with_kwargs=True))
@@ -96,22 +68,19 @@ class DeepPrompts(nn.Module):
         def insert_prompts(module, args, kwargs):
             bound = signature.bind(*args, **kwargs)
             hidden_states = bound.arguments[hidden_name]
-            prompts = nn.functional.dropout(self.prompts[index], self.dropout, self.training).to(hidden_states.dtype)
-            prompts = prompts.unsqueeze(0).expand(hidden_states.shape[0], -1, -1)
-            at = self.insert_at
-            bound.arguments[hidden_name] = torch.cat([hidden_states[:, :at], prompts, hidden_states[:, at:]], dim=1)
+            prompts = self.prompts[index].to(hidden_states.dtype).unsqueeze(0).expand(hidden_states.shape[0], -1, -1)
+            bound.arguments[hidden_name] = torch.cat([hidden_states[:, :1], prompts, hidden_states[:, 1:]], dim=1)
             mask = bound.arguments.get("attention_mask")
             if mask is not None:
-                mask = _insert_rows_or_cols(mask, -1, at, self.num_prompts)
-                bound.arguments["attention_mask"] = _insert_rows_or_cols(mask, -2, at, self.num_prompts)
+                mask = _insert_rows_or_cols(mask, -1, 1, self.num_prompts)
+                bound.arguments["attention_mask"] = _insert_rows_or_cols(mask, -2, 1, self.num_prompts)
             return bound.args, bound.kwargs
 
         return insert_prompts
 
     def _drop_prompts(self, module, args, output):
         hidden_states = output[0] if isinstance(output, tuple) else output
-        at = self.insert_at
-        hidden_states = torch.cat([hidden_states[:, :at], hidden_states[:, at + self.num_prompts :]], dim=1)
+        hidden_states = torch.cat([hidden_states[:, :1], hidden_states[:, 1 + self.num_prompts :]], dim=1)
         return (hidden_states,) + output[1:] if isinstance(output, tuple) else hidden_states
 
     def remove(self):
@@ -121,20 +90,13 @@ class DeepPrompts(nn.Module):
         self._handles.clear()
 
 
-def add_deep_prompts(
-    model: nn.Module, num_prompts: int, layers: Sequence[nn.Module] | None = None, dropout: float = 0.0
-) -> DeepPrompts:
-    """Freeze `model` and give it VPT-deep prompts, registered as `model.deep_prompts` (trainable, saved with it).
-
-    Prompts start uniform with VPT's xavier bound, computed from the config's patch size and channels.
-    """
+def add_deep_prompts(model: nn.Module, num_prompts: int) -> DeepPrompts:
+    """Freeze a ViT-family `model` and give its `encoder.layer` blocks VPT-deep prompts, registered as
+    `model.deep_prompts` (trainable, saved with it), uniform within VPT's xavier bound of the patch embedding."""
     config = model.config
-    layers = find_encoder_layers(model) if layers is None else layers
     model.requires_grad_(False)
-    patch = config.patch_size
-    patch_area = patch * patch if isinstance(patch, int) else math.prod(patch)
-    bound = vpt_init_bound(config.num_channels * patch_area, config.hidden_size)
-    prompts = DeepPrompts(layers, num_prompts, config.hidden_size, bound, dropout=dropout)
+    bound = vpt_init_bound(config.num_channels * config.patch_size**2, config.hidden_size)
+    prompts = DeepPrompts(model.encoder.layer, num_prompts, config.hidden_size, bound)
     model.add_module("deep_prompts", prompts)
     return prompts
 
@@ -150,23 +112,18 @@ def train_only(model: nn.Module, tensor_names: Sequence[str]) -> nn.Module:
     return model
 
 
-def reference_optimiser(named_parameters: dict[str, nn.Parameter], lr: float, steps: int, warmup_steps: int):
-    """(optimizer, schedule) of the authors' runs (APT_SPEC.md): AdamW with betas (0.9, 0.98), weight decay 0.01 on
-    every tensor whose name has no "bias" or "norm" (APT's P, W1, W2 and s included), linear warm-up then linear decay
-    to 0."""
-    decayed = [p for name, p in named_parameters.items() if "bias" not in name and "norm" not in name]
-    kept = [p for name, p in named_parameters.items() if "bias" in name or "norm" in name]
-    groups = [{"params": decayed, "weight_decay": 0.01}, {"params": kept, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-8)
-    return optimizer, get_linear_schedule_with_warmup(optimizer, warmup_steps, steps)
-
-
 def optimiser_for(parameters: dict[str, nn.Parameter], params: dict, steps: int, warmup_steps: int):
     """(optimizer, schedule) of a benchmark run: AdamW with the training parameters' `lr`, `weight_decay` and
-    `adam_betas`, linear warm-up then cosine decay; or with `optimiser: reference` the authors' (above). Parameters
-    named `head.*` learn `head_lr_ratio` times faster (1 unless given)."""
+    `adam_betas`, linear warm-up then cosine decay; parameters named `head.*` learn `head_lr_ratio` times faster (1
+    unless given). With `optimiser: reference`, the authors' (APT_SPEC.md): AdamW with betas (0.9, 0.98), weight decay
+    0.01 on every tensor whose name has no "bias" or "norm" (APT's P, W1, W2 and s included), linear warm-up then
+    linear decay to 0."""
     if params.get("optimiser") == "reference":
-        return reference_optimiser(parameters, params["lr"], steps, warmup_steps)
+        decayed = [p for name, p in parameters.items() if "bias" not in name and "norm" not in name]
+        kept = [p for name, p in parameters.items() if "bias" in name or "norm" in name]
+        groups = [{"params": decayed, "weight_decay": 0.01}, {"params": kept, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=params["lr"], betas=(0.9, 0.98), eps=1e-8)
+        return optimizer, get_linear_schedule_with_warmup(optimizer, warmup_steps, steps)
     betas, weight_decay = tuple(params.get("adam_betas", (0.9, 0.999))), params.get("weight_decay", 0.0)
     head_lr = params["lr"] * params.get("head_lr_ratio", 1.0)
     groups = [
