@@ -1,9 +1,11 @@
-"""How close the default init's first prompt term comes to its target on real models, per adapted module.
+"""What APT's prompt term is on real inputs: the measurements the quality benchmarks record (`term_state`), and how
+close the default init's first term comes to its target, per adapted module (`python -m benchmarks.calibration`).
 
 `APTConfig()` sizes the prompts so that the initial term ||a (A @ P)|| is `INITIAL_TERM_RATIO` times ||X||, with
-||X|| read from the norm layer that produces X (`APTModel.input_norm`). This measures the ratio the term actually has
-on real inputs, over its target, on SmolLM2-135M (held-out standard-library code) and DINOv2-S (digits and textile
-images), against the calibration that assumed a LayerNorm-sized X (||X|| = sqrt(d)) and the reference init.
+||X|| read from the norm layer that produces X (`APTModel.input_norm`). The calibration measures the ratio the term
+actually has on real inputs, over its target, on SmolLM2-135M (held-out standard-library code) and DINOv2-S (digits
+and textile images), against the calibration that assumed a LayerNorm-sized X (||X|| = sqrt(d)) and the reference
+init.
 
 Run from the repository root: `python -m benchmarks.calibration` (about a minute), `--tiny` for random tiny models.
 """
@@ -19,51 +21,96 @@ from typing import Callable
 from unittest import mock
 
 import torch
+import torch.nn.functional as F
 from peft import get_peft_model
+from torch import nn
 
 from examples.offline.images import load_dataset
 from examples.offline.text import stdlib_sources, token_blocks
 from examples.tiny_models import tiny_corpus, tiny_dinov2, tiny_llama, word_tokenizer
-from peft_apt import APTConfig, APTModel
+from peft_apt import APTConfig, APTLayer, APTModel, approximated_prompt_output
 from peft_apt.layer import INITIAL_TERM_RATIO
 
-from .prompt_terms import prompt_terms
 from .records import command_line, machine, package_versions
+from .report import markdown_table
 
 DESIGN_STUDIES = Path(__file__).resolve().parent / "DESIGN_STUDIES.md"
 BEGIN, END = "<!-- BEGIN calibration -->", "<!-- END calibration -->"  # the block `benchmarks.report` keeps
-INITS = {
-    "default (calibrated on the input norm)": lambda: APTConfig(),
-    "default, calibrated for a LayerNorm-sized X": lambda: APTConfig(),
-    "reference init": lambda: APTConfig(init_weights="reference"),
+INITS = {  # name: (config, whether ||X|| is taken as a LayerNorm's sqrt(d) rather than read from the input norm)
+    "default (calibrated on the input norm)": (APTConfig, False),
+    "default, calibrated for a LayerNorm-sized X": (APTConfig, True),
+    "reference init": (lambda: APTConfig(init_weights="reference"), False),
 }
-ASSUMES_LAYERNORM_SIZE = "default, calibrated for a LayerNorm-sized X"
 
 
-def initial_terms(model: torch.nn.Module, forward: Callable[[torch.nn.Module], None]) -> list[dict]:
-    """Per APT layer, in model order: the mean over tokens of ||X|| and of ||a (A @ P)|| / ||X|| during `forward`."""
-    measured = []
+@torch.no_grad()
+def prompt_terms(model: nn.Module, forward: Callable[[nn.Module], object]) -> list[dict]:
+    """
+    Per APT layer of `model`, in model order, during `forward(model)`: "X", the attention's query-side input, "O", its
+    output projection's output before the term (the raw output: a tuple for nn.MultiheadAttention), and "term",
+    a (A @ P) of the active adapter on that X.
+    """
+    captured, handles = [], []
+    for layer in (module for module in model.modules() if isinstance(module, APTLayer)):
+        record = {"layer": layer}
+        captured.append(record)
+
+        def keep_input(module, args, kwargs, record=record):
+            record["X"] = kwargs[module.query_argument] if module.query_argument in kwargs else args[0]
+
+        def keep_output(_, args, output, record=record):
+            record["O"] = output
+
+        handles.append(layer.register_forward_pre_hook(keep_input, with_kwargs=True))
+        # prepended: runs before the layer's own hook adds the term
+        handles.append(layer._projection().register_forward_hook(keep_output, prepend=True))
+    try:
+        forward(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for record in captured:
+        layer, X = record.pop("layer"), record["X"]
+        name = layer.active_adapters[0]
+        P, W1, W2 = layer.prompts(name), layer.apt_W1[name], layer.W2(name)
+        record["term"] = approximated_prompt_output(torch.zeros_like(X), X, P, W1, W2, X.new_zeros(1))
+    return captured
+
+
+def term_state(model: nn.Module, forward: Callable[[nn.Module], object]) -> dict:
+    """
+    The term's size, the median over layers of ||a (A @ P)|| / ||O|| over the batch (how far the adapter takes the
+    attention from the frozen one), and its direction: the mean over layers and tokens of |cos(term, the tokens' mean
+    X)|. Near 1, the term adds to every token the direction all tokens share, which the next norm turns into a loss of
+    what tells them apart.
+    """
+    sizes, alignments = [], []
     for record in prompt_terms(model, forward):
-        input_sizes = record["X"].flatten(0, -2).float().norm(dim=-1)
-        term_sizes = record["term"].flatten(0, -2).float().norm(dim=-1)
-        measured.append({"input_size": input_sizes.mean().item(), "ratio": (term_sizes / input_sizes).mean().item()})
-    return measured
+        output = record["O"][0] if isinstance(record["O"], tuple) else record["O"]  # nn.MultiheadAttention: a tuple
+        sizes.append(float(record["term"].norm() / output.norm()))
+        common = F.normalize(record["X"].flatten(0, -2).mean(dim=0), dim=0)
+        alignments.append(F.cosine_similarity(record["term"].flatten(0, -2), common[None], dim=-1).abs().mean())
+    return {"term_alignment": float(torch.stack(alignments).mean()), "term_size": statistics.median(sizes)}
 
 
-def measure_model(base: torch.nn.Module, forward: Callable[[torch.nn.Module], None]) -> dict[str, list[dict]]:
-    """{init name: per-layer measurements} for each of `INITS` on a copy of `base`."""
+def measure_model(base: nn.Module, forward: Callable[[nn.Module], None]) -> dict[str, list[dict]]:
+    """{init name: per APT layer, the mean over tokens of ||X|| and of ||a (A @ P)|| / ||X||} on copies of `base`."""
     results = {}
-    for name, config in INITS.items():
+    for name, (config, assume_layernorm_size) in INITS.items():
         torch.manual_seed(0)
         model = copy.deepcopy(base)
-        assume_layernorm_size = name == ASSUMES_LAYERNORM_SIZE
         with mock.patch.object(APTModel, "input_norm", return_value=None) if assume_layernorm_size else nullcontext():
             get_peft_model(model, config())
-        results[name] = initial_terms(model, forward)
+        results[name] = []
+        for record in prompt_terms(model, forward):
+            input_sizes = record["X"].flatten(0, -2).float().norm(dim=-1)
+            term_sizes = record["term"].flatten(0, -2).float().norm(dim=-1)
+            ratio = (term_sizes / input_sizes).mean().item()
+            results[name].append({"input_size": input_sizes.mean().item(), "ratio": ratio})
     return results
 
 
-def decoder_case(tiny: bool) -> tuple[str, torch.nn.Module, Callable]:
+def decoder_case(tiny: bool) -> tuple[str, nn.Module, Callable]:
     if tiny:
         tokenizer = word_tokenizer([tiny_corpus(seed=0)])
         model, texts, label = tiny_llama(tokenizer, seed=0), [tiny_corpus(seed=1)], "tiny Llama, generated text"
@@ -76,7 +123,7 @@ def decoder_case(tiny: bool) -> tuple[str, torch.nn.Module, Callable]:
     return label, model.eval(), lambda model: model(input_ids=blocks)
 
 
-def vision_cases(tiny: bool) -> list[tuple[str, torch.nn.Module, Callable]]:
+def vision_cases(tiny: bool) -> list[tuple[str, nn.Module, Callable]]:
     if tiny:
         model, size = tiny_dinov2(), 32
     else:
@@ -93,19 +140,12 @@ def vision_cases(tiny: bool) -> list[tuple[str, torch.nn.Module, Callable]]:
 
 def table_lines(label: str, results: dict[str, list[dict]]) -> list[str]:
     calibrated = results[next(iter(INITS))]
-    lines = [
-        f"{label}:",
-        "",
-        "| init | " + " | ".join(str(i) for i in range(len(calibrated))) + " | median |",
-        "|---|" + "---:|" * (len(calibrated) + 1),
-        "| mean norm of X | "
-        + " | ".join(f"{r['input_size']:.3g}" for r in calibrated)
-        + f" | {statistics.median(r['input_size'] for r in calibrated):.3g} |",
-    ]
+    sizes = [r["input_size"] for r in calibrated]
+    rows = [["mean norm of X", *(f"{size:.3g}" for size in sizes), f"{statistics.median(sizes):.3g}"]]
     for name, layers in results.items():
         misses = [r["ratio"] / INITIAL_TERM_RATIO for r in layers]
-        lines.append(f"| {name} | " + " | ".join(f"{m:.3g}" for m in misses) + f" | {statistics.median(misses):.3g} |")
-    return [*lines, ""]
+        rows.append([name, *(f"{m:.3g}" for m in misses), f"{statistics.median(misses):.3g}"])
+    return [f"{label}:", "", *markdown_table(["init", *map(str, range(len(sizes))), "median"], rows), ""]
 
 
 def report(tiny: bool) -> str:

@@ -26,7 +26,7 @@ from peft_apt import APTConfig
 from peft_apt import layer as apt_layer
 
 from .baselines import count_trainable_parameters, optimiser_for, train_only
-from .prompt_terms import term_state
+from .calibration import term_state
 
 METRIC = "perplexity"
 HIGHER_IS_BETTER = False
@@ -68,7 +68,7 @@ def apt_constants(initial_term_ratio: float, trained_prompt_std_ratio: float, ke
 
 def run(params: dict, peft_config: PeftConfig, seed: int) -> dict:
     """`steps` optimiser steps, then held-out perplexity; for APT the prompt term's size and direction before and
-    after on a held-out batch (`prompt_terms.term_state`)."""
+    after on a held-out batch (`calibration.term_state`)."""
     params = {**params, **(TINY if params.get("tiny") else {})}
     batch_size = params["batch_size"]
     base, train_blocks, held_out = load_base(

@@ -27,7 +27,7 @@ from peft_apt import APTLayer
 from peft_apt.layer import INITIAL_TERM_RATIO
 
 from .baselines import add_deep_prompts, count_trainable_parameters, optimiser_for, train_only
-from .prompt_terms import term_state
+from .calibration import term_state
 
 METRIC = "accuracy"
 HIGHER_IS_BETTER = True
