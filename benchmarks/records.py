@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "peft-apt")
+RUN_INFO = ("task", "experiment", "dataset", "seed", "created_at", "status", "error", "train_params", "peft_config")
 TRAIN_INFO = ("metrics", "train_losses", "train_time_s", "peak_memory_bytes", "trainable_params", "adapter_file_bytes",
               "added_forward_flops")  # fmt: skip
 
@@ -59,40 +60,20 @@ def result_name(experiment: str, dataset: str | None, seed: int) -> str:
     return "--".join(parts) + ".json"
 
 
-def make_result(
-    *,
-    task: str,
-    experiment: str,
-    dataset: str | None,
-    seed: int,
-    train_params: dict,
-    peft_config: dict | None,
-    train_info: dict,
-    meta_info: dict,
-    status: str = "success",
-    error: str | None = None,
-) -> dict:
-    """A result in the suite's schema; `train_info` holds `metrics`, `train_time_s`, `peak_memory_bytes`,
-    `trainable_params`, `adapter_file_bytes`, `added_forward_flops` and `train_losses` (None where not measured)."""
+def make_result(run_info: dict, train_info: dict, status: str = "success", error: str | None = None) -> dict:
+    """A result in the suite's schema, its meta info measured now: `run_info` holds the run's `task`, `experiment`,
+    `dataset`, `seed`, `train_params` and `peft_config`; `train_info` the `TRAIN_INFO` (None where not measured)."""
+    created_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    run_info = {**run_info, "created_at": created_at, "status": status, "error": error}
     return {
-        "run_info": {
-            "task": task,
-            "experiment": experiment,
-            "dataset": dataset,
-            "seed": seed,
-            "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "status": status,
-            "error": error,
-            "train_params": train_params,
-            "peft_config": peft_config,
-        },
+        "run_info": {key: run_info[key] for key in RUN_INFO},
         "train_info": {key: train_info.get(key) for key in TRAIN_INFO},
-        "meta_info": meta_info,
+        "meta_info": {
+            "command": command_line(),
+            "machine": machine(run_info["train_params"].get("device", "cpu")),
+            "package_versions": package_versions(),
+        },
     }
-
-
-def current_meta_info(device: torch.device | str = "cpu") -> dict:
-    return {"command": command_line(), "machine": machine(device), "package_versions": package_versions()}
 
 
 def write_result(path: Path, result: dict) -> None:
@@ -100,6 +81,6 @@ def write_result(path: Path, result: dict) -> None:
     path.write_text(json.dumps(result, indent=1, sort_keys=False) + "\n")
 
 
-def read_results(task_dir: Path, folder: str = "results") -> list[dict]:
+def read_results(task_dir: Path) -> list[dict]:
     """Every result of a task, in file-name order."""
-    return [json.loads(path.read_text()) for path in sorted((task_dir / folder).glob("*.json"))]
+    return [json.loads(path.read_text()) for path in sorted((task_dir / "results").glob("*.json"))]

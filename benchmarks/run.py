@@ -24,30 +24,27 @@ from peft import PeftConfig, PeftModel
 
 import peft_apt  # noqa: F401  (registers APT with PEFT, so that its adapter_config.json loads)
 
-from .records import current_meta_info, make_result, result_name, write_result
+from .records import make_result, result_name, write_result
 
 # Training parameters of design-study experiments whose results are kept but that the trainers do not run: another APT
 # parametrisation than the installed one, prompts drawn from the data, the attention-change measurement.
 KEPT_AS_DATA = ("apt_parametrisation", "prompt_init", "measure_attention_change")
 
 
-def experiment_parts(experiment_dir: Path) -> tuple[Path, str]:
-    """(task folder, experiment name) of `<task>/experiments/<method>/<name>`."""
+def load_experiment(experiment_dir: Path) -> tuple[Path, str, dict, PeftConfig | None]:
+    """(task folder, `<method>/<name>`, merged training parameters, PEFT config or None) of an experiment folder."""
     experiment_dir = experiment_dir.resolve()
     if experiment_dir.parent.parent.name != "experiments":
         raise ValueError(f"{experiment_dir} is not a folder <task>/experiments/<method>/<name>")
-    return experiment_dir.parents[2], f"{experiment_dir.parent.name}/{experiment_dir.name}"
-
-
-def load_experiment(experiment_dir: Path) -> tuple[dict, PeftConfig | None]:
-    """(merged training parameters, PEFT config or None)."""
-    task_dir, _ = experiment_parts(experiment_dir)
+    task_dir = experiment_dir.parents[2]
     params = json.loads((task_dir / "default_training_params.json").read_text())
     own = experiment_dir / "training_params.json"
     if own.exists():
         params.update(json.loads(own.read_text()))
-    config_path = experiment_dir / "adapter_config.json"
-    return params, PeftConfig.from_pretrained(str(experiment_dir)) if config_path.exists() else None
+    config = (
+        PeftConfig.from_pretrained(str(experiment_dir)) if (experiment_dir / "adapter_config.json").exists() else None
+    )
+    return task_dir, f"{experiment_dir.parent.name}/{experiment_dir.name}", params, config
 
 
 def adapter_file_bytes(model) -> int | None:
@@ -76,8 +73,7 @@ def run_once(trainer, params: dict, peft_config: PeftConfig | None, seed: int) -
 
 def run_experiment(experiment_dir: Path, seeds, datasets, tiny: bool, overrides: dict | None = None) -> None:
     """Run every (dataset, seed) of an experiment whose result file does not exist yet."""
-    task_dir, experiment = experiment_parts(experiment_dir)
-    params, peft_config = load_experiment(experiment_dir)
+    task_dir, experiment, params, peft_config = load_experiment(experiment_dir)
     params.update(overrides or {})
     if kept := [key for key in KEPT_AS_DATA if key in params]:
         print(f"{experiment}: skipped, its results are kept as data (no trainer runs {kept})")
@@ -93,14 +89,14 @@ def run_experiment(experiment_dir: Path, seeds, datasets, tiny: bool, overrides:
             run_params = {k: v for k, v in params.items() if k not in ("datasets", "seeds")}
             run_params.update(dataset=dataset, tiny=tiny, **({"device": "cpu"} if tiny else {}))
             info = dict(task=task_dir.name, experiment=experiment, dataset=dataset, seed=seed, peft_config=config)
-            info.update(train_params=run_params, meta_info=current_meta_info(run_params.get("device", "cpu")))
+            info["train_params"] = run_params
             try:  # a fresh config per run: get_peft_model fills in the model's defaults
                 outcome = run_once(trainer, run_params, config and PeftConfig.from_peft_type(**config), seed)
             except Exception:
-                failed = make_result(**info, train_info={}, status="failed", error=traceback.format_exc())
+                failed = make_result(info, train_info={}, status="failed", error=traceback.format_exc())
                 write_result(task_dir / "temporary_results" / path.name, failed)
                 raise
-            write_result(path, make_result(**info, train_info=outcome))
+            write_result(path, make_result(info, train_info=outcome))
             print(f"{task_dir.name} {experiment} {dataset or ''} seed {seed}: {outcome['metrics']}", flush=True)
 
 
