@@ -42,7 +42,6 @@ class Setup:
     description: str
     model: nn.Module
     forward: Callable[[nn.Module], torch.Tensor]
-    batch_size: int
     hidden_size: int
     head: Optional[str] = None  # trained by every method; alone, it is head-only training
     prompt_layers: tuple[str, ...] = ()  # the layer lists deep prompts join
@@ -75,9 +74,7 @@ def vilt(params: dict) -> Setup:
         f"{(side // patch) ** 2 + 1} image tokens ({side}x{side}), batch {params['batch_size']}"
     )
     model, forward = T.ViltForQuestionAnswering(config), run_inputs(image_and_text(params, side))
-    return Setup(
-        description, model, forward, params["batch_size"], config.hidden_size, "classifier", ("vilt.encoder.layer",)
-    )
+    return Setup(description, model, forward, config.hidden_size, "classifier", ("vilt.encoder.layer",))
 
 
 def bridgetower(params: dict) -> Setup:
@@ -97,7 +94,7 @@ def bridgetower(params: dict) -> Setup:
     )
     model, forward = T.BridgeTowerForImageAndTextRetrieval(config), run_inputs(image_and_text(params, side))
     prompt_layers = ("bridgetower.cross_modal_text_layers", "bridgetower.cross_modal_image_layers")
-    return Setup(description, model, forward, params["batch_size"], config.hidden_size, "itm_score", prompt_layers)
+    return Setup(description, model, forward, config.hidden_size, "itm_score", prompt_layers)
 
 
 class LayerStack(nn.Module):
@@ -133,7 +130,7 @@ def vilt_layers(params: dict) -> Setup:
         f"{params['layers']} ViLT-B layer(s) alone: d={config.hidden_size}, {params['tokens']} tokens, batch "
         f"{params['batch_size']}, fp32 weights" + (f", {params['autocast']} autocast" if params.get("autocast") else "")
     )
-    return Setup(description, stack, lambda model: model(), params["batch_size"], config.hidden_size, None, ("layers",))
+    return Setup(description, stack, lambda model: model(), config.hidden_size, prompt_layers=("layers",))
 
 
 LLAVA = {  # (CLIP vision tower, Llama language model) sizes; LLaVA-1.5-7B is CLIP ViT-L/14-336 and Llama-2-7B
@@ -160,12 +157,8 @@ def llava(params: dict) -> Setup:
     vision, text = LLAVA["tiny" if params["tiny"] else params["model"]]
     vision = T.CLIPVisionConfig(**{"image_size": 336, "patch_size": 14, **vision})
     config = T.LlavaConfig(vision_config=vision, text_config=T.LlamaConfig(**text), vision_feature_layer=-2)
-    model, batch, side, d = (
-        T.LlavaForConditionalGeneration(config),
-        params["batch_size"],
-        vision.image_size,
-        text["hidden_size"],
-    )
+    model, batch, side = T.LlavaForConditionalGeneration(config), params["batch_size"], vision.image_size
+    d = text["hidden_size"]
     pixel_values = torch.randn(batch * params["images"], 3, side, side)
     input_ids = torch.randint(3, text["vocab_size"], (batch, params["text_tokens"]))
 
@@ -184,7 +177,7 @@ def llava(params: dict) -> Setup:
         f"vision tower d={vision.hidden_size}, {vision.num_hidden_layers} layers; {params['images']} image(s) of "
         f"{(side // 14) ** 2} tokens + {params['text_tokens']} text tokens, batch {batch}"
     )
-    return Setup(description, model, forward, batch, d, image_tokens=params["images"] * (side // 14) ** 2)
+    return Setup(description, model, forward, d, image_tokens=params["images"] * (side // 14) ** 2)
 
 
 def dinov2(params: dict) -> Setup:
@@ -197,9 +190,7 @@ def dinov2(params: dict) -> Setup:
         f"({(params['size'] // 14) ** 2 + 1} tokens), batch {params['batch_size']}"
     )
     model = T.Dinov2ForImageClassification(config)
-    return Setup(
-        description, model, forward, params["batch_size"], config.hidden_size, "classifier", ("dinov2.encoder.layer",)
-    )
+    return Setup(description, model, forward, config.hidden_size, "classifier", ("dinov2.encoder.layer",))
 
 
 def smollm2(params: dict) -> Setup:
@@ -214,9 +205,9 @@ def smollm2(params: dict) -> Setup:
     )
     batch = params["batch_size"]
     forward = run_inputs(dict(input_ids=torch.randint(0, config.vocab_size, (batch, params["tokens"]))))
-    description = f"SmolLM2-135M: d={config.hidden_size}, {config.num_hidden_layers} layers, {params['tokens']} tokens"
-    description += f", batch {batch}"
-    return Setup(description, T.LlamaForCausalLM(config), forward, batch, config.hidden_size)
+    description = f"SmolLM2-135M: d={config.hidden_size}, {config.num_hidden_layers} layers, "
+    description += f"{params['tokens']} tokens, batch {batch}"
+    return Setup(description, T.LlamaForCausalLM(config), forward, config.hidden_size)
 
 
 MODELS = {
@@ -281,8 +272,9 @@ def apt_formula_flops(model: nn.Module, run: Callable[[], object]) -> int:
     return sum(calls)
 
 
-def saved_for_backward_bytes(model: nn.Module, forward: Callable[[nn.Module], torch.Tensor]) -> int:
-    """Bytes of the distinct tensors autograd keeps for backward in a training forward, weights and buffers excluded."""
+def saved_for_backward_bytes(model: nn.Module, forward: Callable[[], object]) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward in a training `forward` of `model`, weights and
+    buffers excluded."""
     fixed = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     saved = {}
 
@@ -292,7 +284,7 @@ def saved_for_backward_bytes(model: nn.Module, forward: Callable[[nn.Module], to
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        output = forward(model.train())  # alive until counted: no storage is freed and reused meanwhile
+        output = forward()  # alive until counted: no storage is freed and reused meanwhile
     del output
     return sum(saved.values())
 
@@ -367,7 +359,7 @@ def measure(params: dict, peft_config: Optional[PeftConfig], seed: int) -> tuple
     model = attach(setup, params, peft_config)
     head = setup.head.split(".") if setup.head else ()
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    forward, batch = setup.forward, setup.batch_size
+    forward, batch = setup.forward, params["batch_size"]
     frozen_flops = count_flops(torch.no_grad()(lambda: forward(frozen)))
     flops = count_flops(torch.no_grad()(lambda: forward(model.eval())))
     metrics = dict(
@@ -382,7 +374,7 @@ def measure(params: dict, peft_config: Optional[PeftConfig], seed: int) -> tuple
     model.zero_grad(set_to_none=True)
     if device.type == "meta":
         return metrics, model
-    metrics["saved_for_backward_bytes"] = saved_for_backward_bytes(model, forward) // batch
+    metrics["saved_for_backward_bytes"] = saved_for_backward_bytes(model, lambda: forward(model.train())) // batch
     models = [frozen, attach(setup, {"baseline": "head-only"}, None), model]
     if params.get("compile"):
         backend = params["compile_backend"]
@@ -392,10 +384,8 @@ def measure(params: dict, peft_config: Optional[PeftConfig], seed: int) -> tuple
         metrics["compile_s"] = {name: timed(run, device) for name, run in runs.items()}  # the first calls compile
     times = interleaved_times(runs, params["repetitions"], params["warmup"], device)
     method = peft_config.peft_type.lower().replace("_", "-") if peft_config else params["baseline"]  # its folder name
-    for name, reference, key in [
-        ("inference", "frozen_forward", "inference"),
-        ("train_step", "head_only_step", "step"),
-    ]:
+    ratios_of = {"inference": ("inference", "frozen_forward"), "step": ("train_step", "head_only_step")}
+    for key, (name, reference) in ratios_of.items():
         ratios = [a / b for a, b in zip(times[name], times[reference])]
         metrics[f"{key}_time_ratio"] = {method: statistics.median(ratios)}
     metrics.update(times_s=times, clock="wall" if device.type == "cuda" else "cpu")

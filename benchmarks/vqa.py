@@ -15,22 +15,26 @@ alone trained), the two measured alternately in the same process.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import functools
+import json
 import math
 import statistics
 import time
 
 import torch
-from peft import PeftConfig, get_peft_model
+from peft import PeftConfig, PrefixTuningConfig, get_peft_model
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForImageTextToText, AutoProcessor, get_cosine_schedule_with_warmup
 
 from examples.offline.easy_vqa import QUESTION_TYPES, easy_vqa_records, sample_records, subsample
 from examples.offline.llava import answer_batch, answer_loss, build_tiny_llava, generate_answers
+from peft_apt import APTConfig
 
 from .baselines import count_trainable_parameters
+from .cost import saved_for_backward_bytes
 
 METRIC = "accuracy"
 HIGHER_IS_BETTER = True
@@ -49,9 +53,8 @@ def load_model(tiny: bool):
     from examples.offline.llava import aligned_llava_path
 
     path = aligned_llava_path()
-    return AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval(), AutoProcessor.from_pretrained(
-        path
-    )
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    return model.eval(), AutoProcessor.from_pretrained(path)
 
 
 @functools.cache
@@ -102,11 +105,8 @@ def balanced_test_questions(per_type: int, seed: int) -> list[dict]:
     """`per_type` test questions of each type: the split is three quarters yes/no, which would hide what the model
     sees of shapes and colours."""
     records = easy_vqa_records("test")
-    return [
-        r
-        for kind in QUESTION_TYPES
-        for r in subsample([r for r in records if r["question_type"] == kind], per_type, seed)
-    ]
+    by_type = ([r for r in records if r["question_type"] == kind] for kind in QUESTION_TYPES)
+    return [r for same_type in by_type for r in subsample(same_type, per_type, seed)]
 
 
 def to_batch(processor, records: list[dict]) -> dict:
@@ -183,20 +183,9 @@ def relative_times(frozen, adapted, params: dict, batch: dict, repeats: int) -> 
 
 def training_memory_bytes(model, batch: dict) -> int:
     """Memory a training step holds above the loaded model: the tensors autograd saves for the backward pass of
-    `batch` (each storage once, the model's own weights excluded), the gradients and AdamW's two moments."""
-    weights = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
-    saved = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        answer_loss(model.train(), batch)
+    `batch` (each storage once), the gradients and AdamW's two moments."""
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return sum(saved.values()) + 3 * trainable
+    return saved_for_backward_bytes(model, lambda: answer_loss(model.train(), batch)) + 3 * trainable
 
 
 def run(params: dict, peft_config: PeftConfig | None, seed: int) -> dict:
@@ -209,13 +198,8 @@ def run(params: dict, peft_config: PeftConfig | None, seed: int) -> dict:
     steps = 0 if params.get("baseline") == "zero-shot" else params["steps"]
     batch_size = params["batch_size"]
     optimizer, schedule = optimiser(model, params, steps) if steps else (None, None)
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.cat(
-        [
-            torch.randperm(len(train), generator=generator)
-            for _ in range(max(1, math.ceil(steps * batch_size / len(train))))
-        ]
-    )
+    generator, epochs = torch.Generator().manual_seed(seed), max(1, math.ceil(steps * batch_size / len(train)))
+    order = torch.cat([torch.randperm(len(train), generator=generator) for _ in range(epochs)])
     probe = to_batch(processor, test[: params["batch_size"]])
     one_sample = to_batch(processor, test[:1])  # unpadded
     added_flops = forward_flops(model, one_sample) - forward_flops(base, one_sample)
@@ -238,7 +222,7 @@ def run(params: dict, peft_config: PeftConfig | None, seed: int) -> dict:
     metrics["final_train_loss"] = statistics.mean(losses[-max(1, steps // 10) :]) if losses else None
     metrics["projector_params"] = sum(p.numel() for n, p in model.named_parameters() if f"{PROJECTOR}." in n)
     metrics["training_memory_bytes"] = memory
-    if params.get("time_repeats") and steps and seed == params.get("time_seed", 0):
+    if params.get("time_repeats") and steps and seed == 0:
         frozen = attach(copy.deepcopy(base), {**params, "baseline": "head-only"}, None)
         metrics.update(relative_times(frozen, model, params, probe, params["time_repeats"]))
     return {
@@ -255,10 +239,6 @@ def added_flops_by_prompts(model, processor, prompt_counts=(10, 50, 200)) -> lis
     """Forward FLOPs one test sample gains, per number of prompts p, from APT (on the language model's attention), from
     PEFT's prefix tuning (p keys and values per layer) and from deep prompts as ViLT's deep prompt tuning runs them
     (p more tokens through every layer of the language model: projections, MLP and attention)."""
-    from peft import PrefixTuningConfig
-
-    from peft_apt import APTConfig
-
     sample = to_batch(processor, balanced_test_questions(1, 0)[:1])
     frozen = forward_flops(model, sample)
     language_model = model.model.language_model
@@ -285,9 +265,6 @@ def added_flops_by_prompts(model, processor, prompt_counts=(10, 50, 200)) -> lis
 
 
 def main(argv=None) -> None:
-    import argparse
-    import json
-
     parser = argparse.ArgumentParser(description="Added forward FLOPs per sample on the aligned LLaVA, by prompts.")
     parser.add_argument("--prompts", nargs="+", type=int, default=[10, 50, 200])
     args = parser.parse_args(argv)
