@@ -18,7 +18,6 @@ from unittest import mock
 
 import torch
 from peft import PeftConfig, get_peft_model
-from torch.utils.flop_counter import FlopCounterMode
 
 from examples.offline.text import perplexity, stdlib_sources, token_blocks
 from examples.tiny_models import tiny_corpus, tiny_llama, word_tokenizer
@@ -27,6 +26,7 @@ from peft_apt import layer as apt_layer
 
 from .baselines import count_trainable_parameters, optimiser_for, train_only
 from .calibration import term_state
+from .cost import forward_flops
 
 METRIC = "perplexity"
 HIGHER_IS_BETTER = False
@@ -124,21 +124,10 @@ def frozen_perplexity(tiny: bool, block_size: int, train_blocks: int, eval_block
 
 
 def added_forward_flops(model, block: torch.Tensor) -> int:
-    """Forward FLOPs the adapter adds on one block (prompt and prefix tuning: their virtual tokens included), counted
-    with eager attention: the counter does not see inside fused attention kernels, where prefix tuning adds its work."""
-
-    def flops(adapted: bool) -> int:
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            with contextlib.nullcontext() if adapted else model.disable_adapter():
-                model(input_ids=block)
-        return counter.get_total_flops()
-
+    """Forward FLOPs the adapter adds on one block (prompt and prefix tuning: their virtual tokens included)."""
     trainable = {parameter: parameter.requires_grad for parameter in model.parameters()}
-    attention = model.get_base_model().config._attn_implementation
-    model.get_base_model().set_attn_implementation("eager")
-    try:
-        return flops(True) - flops(False)
-    finally:  # re-enabling an adapter makes all its tensors trainable again (PEFT's `set_adapter`)
-        model.get_base_model().set_attn_implementation(attention)
-        for parameter, flag in trainable.items():
-            parameter.requires_grad_(flag)
+    with model.disable_adapter():
+        frozen = forward_flops(model, {"input_ids": block})
+    for parameter, flag in trainable.items():  # re-enabling an adapter makes all its tensors trainable again
+        parameter.requires_grad_(flag)
+    return forward_flops(model, {"input_ids": block}) - frozen

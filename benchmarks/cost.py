@@ -254,6 +254,21 @@ def count_flops(run: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
+def forward_flops(model, batch: dict) -> int:
+    """FLOPs of one forward pass of `batch` (its `labels` left out), every token included. Attention runs eagerly
+    while counting: PyTorch's counter has no formula for fused CPU attention, which would leave the prompts' keys and
+    prefix tuning's virtual tokens out."""
+    inputs = {name: value for name, value in batch.items() if name != "labels"}
+    implementation = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(**inputs)
+    finally:
+        model.set_attn_implementation(implementation)
+    return counter.get_total_flops()
+
+
 def apt_formula_flops(model: nn.Module, run: Callable[[], object]) -> int:
     """APT's cost by its formula, 4*n*p*d (X @ K^T and A @ P) + 4*p*r*d (K = P + P @ W1 @ W2) per adapted module and
     forward, with n the query tokens each APT layer sees during `run`."""

@@ -181,9 +181,8 @@ def run(params: dict, peft_config: PeftConfig | None, seed: int) -> dict:
     start = time.perf_counter()
     tail.train()
     for _ in range(params["epochs"]):
-        for batch in (
-            torch.randperm(len(data["train_labels"]), generator=generator).to(device).split(params["batch_size"])
-        ):
+        order = torch.randperm(len(data["train_labels"]), generator=generator).to(device)
+        for batch in order.split(params["batch_size"]):
             features = fixed[batch] if fixed is not None else pooled_features(tail, data["train_hidden"][batch])
             loss = F.cross_entropy(head(features), data["train_labels"][batch])
             optimizer.zero_grad(set_to_none=True)

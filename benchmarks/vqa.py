@@ -26,7 +26,6 @@ import time
 import torch
 from peft import PeftConfig, PrefixTuningConfig, get_peft_model
 from PIL import Image
-from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForImageTextToText, AutoProcessor, get_cosine_schedule_with_warmup
 
 from examples.offline.easy_vqa import QUESTION_TYPES, easy_vqa_records, sample_records, subsample
@@ -34,7 +33,7 @@ from examples.offline.llava import answer_batch, answer_loss, build_tiny_llava, 
 from peft_apt import APTConfig
 
 from .baselines import count_trainable_parameters
-from .cost import saved_for_backward_bytes
+from .cost import forward_flops, saved_for_backward_bytes
 
 METRIC = "accuracy"
 HIGHER_IS_BETTER = True
@@ -132,20 +131,6 @@ def evaluate(model, processor, records: list[dict], batch_size: int) -> dict:
         hits = [hit for hit, record in zip(correct, records) if record["question_type"] == kind]
         metrics[f"accuracy_{kind}"] = sum(hits) / len(hits) if hits else None
     return metrics
-
-
-def forward_flops(model, batch: dict) -> int:
-    """FLOPs of one forward pass of `batch`, image tower and every token included. Attention runs eagerly while
-    counting: PyTorch's counter has no formula for fused CPU attention, which would leave the prompts' keys out."""
-    inputs = {name: value for name, value in batch.items() if name != "labels"}
-    implementation = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            model(**inputs)
-    finally:
-        model.set_attn_implementation(implementation)
-    return counter.get_total_flops()
 
 
 def relative_times(frozen, adapted, params: dict, batch: dict, repeats: int) -> dict:
