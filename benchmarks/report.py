@@ -244,19 +244,9 @@ def front_page_section(task: Task, tasks: list[Task]) -> list[str]:
     if task.is_cost:
         return [f"## {task.name}", "", cost_summary(task.results), ""]
     results = [r for r in task.results if is_main(r)]
-    link = f"tasks/{task.name}/RESULTS.md"
-    return [
-        f"## {task.name}",
-        "",
-        f"{task.params['description']}. [Every run]({link}).",
-        "",
-        f"**{answer(task, results)}**",
-        "",
-        *best_table(task, results, tasks),
-        "",
-        f"![{task.name}](tasks/{task.name}/{plot(task, results)})",
-        "",
-    ]
+    intro = f"{task.params['description']}. [Every run](tasks/{task.name}/RESULTS.md)."
+    lines = [f"## {task.name}", "", intro, "", f"**{answer(task, results)}**", "", *best_table(task, results, tasks)]
+    return [*lines, "", f"![{task.name}](tasks/{task.name}/{plot(task, results)})", ""]
 
 
 def front_page_tasks(tasks: list[Task]) -> list[Task]:
