@@ -26,13 +26,13 @@ import time
 import torch
 from peft import PeftConfig, PrefixTuningConfig, get_peft_model
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor, get_cosine_schedule_with_warmup
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from examples.offline.easy_vqa import QUESTION_TYPES, easy_vqa_records, sample_records, subsample
 from examples.offline.llava import answer_batch, answer_loss, build_tiny_llava, generate_answers
 from peft_apt import APTConfig
 
-from .baselines import count_trainable_parameters
+from .baselines import count_trainable_parameters, optimiser_for
 from .cost import forward_flops, saved_for_backward_bytes
 
 METRIC = "accuracy"
@@ -85,18 +85,15 @@ def attach(model, params: dict, peft_config: PeftConfig | None):
 
 
 def optimiser(model, params: dict, steps: int):
-    """AdamW with the projector at `projector_lr` (at `lr` for head-only), warm-up then cosine decay."""
+    """`optimiser_for` with the projector as the head, at `projector_lr` (at `lr` for head-only)."""
     projector_lr = params["lr"] if params.get("baseline") == "head-only" else params["projector_lr"]
-    groups = {"method": [], "projector": []}
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            groups["projector" if f"{PROJECTOR}." in name else "method"].append(parameter)
-    optimizer = torch.optim.AdamW(
-        [{"params": groups["method"], "lr": params["lr"]}, {"params": groups["projector"], "lr": projector_lr}],
-        weight_decay=params.get("weight_decay", 0.0),
-    )
-    warmup = math.ceil(params["warmup_ratio"] * steps)
-    return optimizer, get_cosine_schedule_with_warmup(optimizer, warmup, steps)
+    parameters = {
+        f"head.{name}" if f"{PROJECTOR}." in name else name: parameter
+        for name, parameter in model.named_parameters()
+        if parameter.requires_grad
+    }
+    params = {**params, "head_lr_ratio": projector_lr / params["lr"]}
+    return optimiser_for(parameters, params, steps, math.ceil(params["warmup_ratio"] * steps))
 
 
 @functools.cache
