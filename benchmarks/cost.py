@@ -248,25 +248,17 @@ def attach(setup: Setup, params: dict, peft_config: Optional[PeftConfig]) -> nn.
 
 
 def count_flops(run: Callable[[], object]) -> int:
-    """FLOPs of `run`, attention included: the counter knows no fused CPU attention kernel, so it runs the math one."""
+    """FLOPs of `run`, every token's attention included: the counter knows no fused CPU attention kernel (it would
+    leave out the prompts' keys and prefix tuning's virtual tokens), so it runs the math one."""
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         run()
     return counter.get_total_flops()
 
 
-def forward_flops(model, batch: dict) -> int:
-    """FLOPs of one forward pass of `batch` (its `labels` left out), every token included. Attention runs eagerly
-    while counting: PyTorch's counter has no formula for fused CPU attention, which would leave the prompts' keys and
-    prefix tuning's virtual tokens out."""
+def forward_flops(model: nn.Module, batch: dict) -> int:
+    """FLOPs of one forward pass of `batch`, its `labels` left out."""
     inputs = {name: value for name, value in batch.items() if name != "labels"}
-    implementation = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            model(**inputs)
-    finally:
-        model.set_attn_implementation(implementation)
-    return counter.get_total_flops()
+    return count_flops(torch.no_grad()(lambda: model(**inputs)))
 
 
 def apt_formula_flops(model: nn.Module, run: Callable[[], object]) -> int:
