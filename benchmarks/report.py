@@ -405,12 +405,10 @@ def cost_label(result: dict) -> str:
     return f"{method} {name.removeprefix(result['run_info']['train_params']['model']).strip('-')}".strip()
 
 
-def points(result: dict) -> list[tuple[str, dict]]:
-    """(sweep value or "", metrics) per measured point of a cost result."""
+def points(result: dict) -> list[dict]:
+    """The measured points of a cost result: one per value of its sweep, or its metrics."""
     metrics = result["train_info"]["metrics"]
-    if "points" not in metrics:
-        return [("", metrics)]
-    return [(f"{metrics['sweep']}={point[metrics['sweep']]}", point) for point in metrics["points"]]
+    return metrics.get("points", [metrics])
 
 
 def by_model(results: list[dict]) -> dict[str, list[dict]]:
@@ -423,27 +421,39 @@ def by_model(results: list[dict]) -> dict[str, list[dict]]:
     return groups
 
 
-def ratio(point: dict, key: str, method: str) -> str:
-    value = point.get(key, {}).get(method)
+def setting(result: dict, point: dict) -> str:
+    sweep = result["train_info"]["metrics"].get("sweep")
+    return f"{sweep}={point[sweep]}" if sweep else ""
+
+
+def ratio(result: dict, point: dict, key: str) -> str:
+    value = point.get(key, {}).get(method_of(result))
     return "" if value is None else f"{value:.3f}x"
 
 
-def frozen_ms(point: dict) -> str:
+def frozen_ms(result: dict, point: dict) -> str:
     return f"{1e3 * statistics.median(point['times_s']['frozen_forward']):.1f}" if "times_s" in point else ""
 
 
-COST_COLUMNS = {  # header: cell of (method, point); columns empty in every row are left out
-    "added params": lambda m, p: count(p.get("trainable_params")),
-    "added fwd FLOPs": lambda m, p: count(p["added_forward_flops"]),
-    "by APT's formula": lambda m, p: count(p["apt_formula_flops"]) if p["apt_formula_flops"] else "",
-    "fwd FLOPs x frozen": lambda m, p: f"{1 + p['added_forward_flops'] / p['frozen_forward_flops']:.3f}x",
-    "train-step FLOPs": lambda m, p: count(p["train_step_flops"]),
-    "saved for backward": lambda m, p: count(p.get("saved_for_backward_bytes"), "B"),
-    "inference x frozen": lambda m, p: ratio(p, "inference_time_ratio", m),
-    "step x head-only": lambda m, p: ratio(p, "step_time_ratio", m),
-    "frozen fwd ms": lambda m, p: frozen_ms(p),
-    "peak step memory": lambda m, p: count(p.get("peak_bytes", {}).get("train_step"), "B"),
-    "compile s": lambda m, p: f"{sum(p['compile_s'].values()):.1f}" if "compile_s" in p else "",
+COST_COLUMNS = {  # header: cell of (result, point)
+    "experiment": lambda r, p: r["run_info"]["experiment"],
+    "setting": setting,
+    "added params": lambda r, p: count(p.get("trainable_params")),
+    "added fwd FLOPs": lambda r, p: count(p["added_forward_flops"]),
+    "by APT's formula": lambda r, p: count(p["apt_formula_flops"]) if p["apt_formula_flops"] else "",
+    "fwd FLOPs x frozen": lambda r, p: f"{1 + p['added_forward_flops'] / p['frozen_forward_flops']:.3f}x",
+    "train-step FLOPs": lambda r, p: count(p["train_step_flops"]),
+    "saved for backward": lambda r, p: count(p.get("saved_for_backward_bytes"), "B"),
+    "inference x frozen": lambda r, p: ratio(r, p, "inference_time_ratio"),
+    "step x head-only": lambda r, p: ratio(r, p, "step_time_ratio"),
+    "frozen fwd ms": frozen_ms,
+    "peak step memory": lambda r, p: count(p.get("peak_bytes", {}).get("train_step"), "B"),
+    "compile s": lambda r, p: f"{sum(p['compile_s'].values()):.1f}" if "compile_s" in p else "",
+}
+SUMMARY_COLUMNS = {  # the front page's
+    "model": lambda r, p: r["run_info"]["train_params"]["model"],
+    "method": lambda r, p: cost_label(r),
+    **{header: COST_COLUMNS[header] for header in ("added fwd FLOPs", "inference x frozen", "step x head-only")},
 }
 
 
@@ -452,19 +462,19 @@ def text_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(markdown_table(header, rows, left=len(header))) + "\n"
 
 
+def cost_table(rows: list[tuple[dict, dict]], columns: dict) -> str:
+    """A row per (result, point), a column per entry of `columns` that is not empty in every row."""
+    cells = [[cell(result, point) for cell in columns.values()] for result, point in rows]
+    keep = [i for i in range(len(columns)) if any(row[i] for row in cells)]
+    return text_table([list(columns)[i] for i in keep], [[row[i] for i in keep] for row in cells])
+
+
 def model_section(model: str, results: list[dict]) -> str:
     """One model's table (a row per experiment and sweep value), then where and how it was measured."""
-    rows = [
-        [result["run_info"]["experiment"], value, *(cell(method_of(result), point) for cell in COST_COLUMNS.values())]
-        for result in results
-        for value, point in points(result)
-    ]
-    keep = [i for i in range(len(COST_COLUMNS) + 2) if any(row[i] for row in rows)]
-    header = ["experiment", "setting", *COST_COLUMNS]
-    table = text_table([header[i] for i in keep], [[row[i] for i in keep] for row in rows])
+    table = cost_table([(result, point) for result in results for point in points(result)], COST_COLUMNS)
     metas = [result["meta_info"] for result in results]
     where = sorted({f"- {meta['machine']}; {versions(meta)}; `{meta['command']}`" for meta in metas})
-    return f"### {model}\n\n{points(results[0])[0][1]['setting']}\n\n" + table + "\n" + "\n".join(where)
+    return f"### {model}\n\n{points(results[0])[0]['setting']}\n\n" + table + "\n" + "\n".join(where)
 
 
 def sweeps_plot(folder: Path, results: list[dict]) -> bool:
@@ -491,7 +501,7 @@ def llava_table(results: list[dict]) -> str:
     llava = [r for r in results if r["run_info"]["train_params"]["model"] == "llava-1.5-7b"]
     if not llava:
         return ""
-    columns = [[point for _, point in points(result)] for result in llava]  # per method, a point per length
+    columns = [points(result) for result in llava]  # per method, a point per length
     rows = []
     for same_length in zip(*columns):
         first, frozen = same_length[0], same_length[0]["frozen_forward_flops"]
@@ -508,19 +518,14 @@ def llava_table(results: list[dict]) -> str:
 
 def cost_summary(results: list[dict]) -> str:
     """The front page's cost section: what each method adds on LLaVA-1.5-7B and the measured step-time ratios."""
-    rows = []
-    for model in ("llava-1.5-scaled", "vilt-b32"):
-        for result in by_model(results).get(model, []):
-            point, method = points(result)[0][1], method_of(result)
-            rows.append([model, cost_label(result), count(point["added_forward_flops"])])
-            rows[-1] += [ratio(point, "inference_time_ratio", method), ratio(point, "step_time_ratio", method)]
+    models = ("llava-1.5-scaled", "vilt-b32")
+    rows = [(result, points(result)[0]) for model in models for result in by_model(results).get(model, [])]
     return (
         "Added forward FLOPs per sample on LLaVA-1.5-7B (576 image tokens + text; APT p=200 on the language model's "
         "attentions, LoRA r=8 on q and v, prefix tuning 200 virtual tokens):\n\n"
         + llava_table(results)
         + "\nInference against the frozen model, training step against head-only's, each measured interleaved in one "
-        "process (CPU time, 1 thread):\n\n"
-        + text_table(["model", "method", "added fwd FLOPs", "inference x frozen", "step x head-only"], rows)
+        "process (CPU time, 1 thread):\n\n" + cost_table(rows, SUMMARY_COLUMNS)
     )
 
 
