@@ -1,11 +1,11 @@
 """Build the benchmark pages from the result files: `python -m benchmarks.report`.
 
-Writes benchmarks/RESULTS.md (per task the methods at their best learning rate), each task's RESULTS.md (every rate,
-seed, training loss, command line and machine), benchmarks/DESIGN_STUDIES.md (experiments with `design_study`, APT
-parametrisations other than the installed one, and the tasks kept off the front page) and the table "Where APT trails
-LoRA" in the top-level README. The cost task, whose results are measurements per model rather than one metric per
-method, has pages of its own (the end of this file). Nothing is measured here: every figure comes from
-`tasks/*/results/*.json`.
+Writes benchmarks/RESULTS.md (per task the methods at their best learning rate, and their plot against the FLOPs they
+add), each task's RESULTS.md (every rate, seed, training loss, command line and machine),
+benchmarks/DESIGN_STUDIES.md (experiments with `design_study`, APT parametrisations other than the installed one, and
+the tasks kept off the front page) and the table "Where APT trails LoRA" in the top-level README. The cost task, whose
+results are measurements per model rather than one metric per method, has pages of its own (the end of this file).
+Nothing is measured here: every figure comes from `tasks/*/results/*.json`.
 """
 
 from __future__ import annotations
@@ -18,10 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
+import matplotlib
+
 from peft_apt import APTConfig
 
-from .plots import plot_best_vs_flops, plot_cost_sweeps
 from .records import read_results
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 BENCHMARKS = Path(__file__).resolve().parent
 README = BENCHMARKS.parent / "README.md"
@@ -38,6 +42,13 @@ DIAGNOSTICS = {
     "attention_change_train": "attention change, training blocks",
     "attention_change_held_out": "held-out blocks",
     "initial_feature_cosine": "initial feature cosine",
+}
+STYLE = {  # of the methods in the plots, matched on their family name: `apt/p50` and `APT (analytic)` look like `APT`
+    "APT": dict(color="tab:red", marker="*", markersize=14),
+    "deep prompt": dict(color="tab:blue", marker="o", markersize=8),
+    "LoRA": dict(color="tab:green", marker="s", markersize=8),
+    "head-only": dict(color="tab:gray", marker="^", markersize=8),
+    "full": dict(color="black", marker="D", markersize=8),
 }
 
 
@@ -229,14 +240,32 @@ def default_apt(results: list[dict]) -> str | None:
     return None
 
 
+def style_of(method: str) -> dict:
+    for family, style in STYLE.items():
+        if method.lower().replace("-", " ").startswith(family.lower().replace("-", " ")):
+            return style
+    return dict(color="tab:purple", marker="P", markersize=8)
+
+
 def plot(task: Task, results: list[dict]) -> str:
-    """The best-rate metric against the added FLOPs (the paper's Figure 1), one panel per dataset; its file name."""
+    """The paper's Figure 1, one panel per dataset: each method's best-rate metric against the forward GFLOPs it adds
+    to the frozen model (APT's claim is to sit at the top left); its file name."""
     panels = {}
     for dataset in datasets_of(task):
         for label, by_lr in sweeps(task, results, dataset).items():
             flops = first(results, label)["train_info"]["added_forward_flops"] or 0
             panels.setdefault(dataset or task.trainer.METRIC, {})[label] = (flops / 1e9, task.best_mean(by_lr))
-    plot_best_vs_flops(panels, task.folder / "best-vs-flops.png", task.trainer.METRIC)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (title, points) in zip(axes[0], panels.items()):
+        for method, (x, y) in points.items():
+            ax.plot([x], [y], linestyle="none", **style_of(method))
+            ax.annotate(method, (x, y), textcoords="offset points", xytext=(7, 5), fontsize=8)
+        ax.set(xlabel="added forward GFLOPs per sample", ylabel=task.trainer.METRIC, title=title)
+        ax.grid(True, alpha=0.3)
+        ax.margins(0.15)
+    fig.tight_layout()
+    fig.savefig(task.folder / "best-vs-flops.png", dpi=100)
+    plt.close(fig)
     return "best-vs-flops.png"
 
 
@@ -478,22 +507,42 @@ def model_section(model: str, results: list[dict]) -> str:
 
 
 def sweeps_plot(folder: Path, results: list[dict]) -> bool:
-    """The one-layer sweeps' added FLOPs and training step (x head-only) against p and n; False if there are none."""
+    """The one-layer sweeps' added FLOPs (APT's by its formula dashed) and training step (x head-only) against p and
+    n, a column per swept variable; False if there are none."""
     sweeps = {}
     for result in results:
         metrics, method = result["train_info"]["metrics"], method_of(result)
         key = metrics.get("sweep")
         if result["run_info"]["train_params"]["model"] != SWEPT_LAYER or key not in ("num_prompts", "tokens"):
             continue
-        sweep = sweeps.setdefault(key, dict(variable=key, title=f"one ViLT-B layer, by {key}", flops={}, step={}))
+        sweep = sweeps.setdefault(key, dict(flops={}, step={}))
         sweep["values"] = [point[key] for point in metrics["points"]]
         sweep["flops"][PLOT_NAMES[method]] = [point["added_forward_flops"] / 1e9 for point in metrics["points"]]
         sweep["step"][PLOT_NAMES[method]] = [point["step_time_ratio"][method] for point in metrics["points"]]
         if method == "apt":
             sweep["flops"]["APT (analytic)"] = [point["apt_formula_flops"] / 1e9 for point in metrics["points"]]
-    if sweeps:
-        plot_cost_sweeps(list(sweeps.values()), folder / COST_PLOT)
-    return bool(sweeps)
+    if not sweeps:
+        return False
+    fig, axes = plt.subplots(2, len(sweeps), figsize=(5.5 * len(sweeps), 8), squeeze=False)
+    for column, (variable, sweep) in enumerate(sweeps.items()):
+        for row, (key, ylabel) in enumerate([("flops", "added forward GFLOPs"), ("step", "training step / frozen")]):
+            ax = axes[row][column]
+            for method, values in sweep[key].items():
+                style = dict(style_of(method))
+                style["markersize"] = style["markersize"] * 0.6
+                linestyle = "--" if method.endswith("(analytic)") else "-"
+                ax.plot(sweep["values"], values, linestyle=linestyle, label=method, **style)
+            ax.set_xlabel(variable)
+            ax.set_ylabel(ylabel)
+            if key == "flops":
+                ax.set_yscale("log")
+                ax.set_title(f"one ViLT-B layer, by {variable}")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / COST_PLOT, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def llava_table(results: list[dict]) -> str:

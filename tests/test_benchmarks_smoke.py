@@ -24,12 +24,19 @@ def run_benchmark(module: str, *arguments: str) -> str:
 
 
 def test_accuracy_plot(tmp_path):
-    from benchmarks.plots import plot_best_vs_flops
+    from types import SimpleNamespace
 
-    path = tmp_path / "figure1.png"
-    points = {"apt/p200": (0.9, 70.9), "deep-prompt/p200": (5.1, 69.3), "lora/r4": (0.0, 68.4)}
-    plot_best_vs_flops({"digits": points, "textile": points}, path, "accuracy (%)")
-    assert path.stat().st_size > 0
+    from benchmarks import report
+
+    def result(experiment: str, flops: float, accuracy: float) -> dict:
+        run_info = {"experiment": experiment, "dataset": "digits"}
+        return {"run_info": run_info, "train_info": {"metrics": {"accuracy": accuracy}, "added_forward_flops": flops}}
+
+    results = [result("apt/p200-lr1e-2", 0.9e9, 0.709), result("deep-prompt/p200-lr1e-2", 5.1e9, 0.693)]
+    trainer = SimpleNamespace(METRIC="accuracy", HIGHER_IS_BETTER=True, METRIC_SCALE=100)
+    task = report.Task(tmp_path, {"datasets": ["digits"]}, trainer, results)
+    assert report.plot(task, results) == "best-vs-flops.png"
+    assert (tmp_path / "best-vs-flops.png").stat().st_size > 0
 
 
 def test_calibration_tiny_writes_its_block_and_keeps_the_page(tmp_path):
