@@ -35,8 +35,9 @@ TINY = dict(steps=6, block_size=16, eval_blocks=8)
 
 
 @functools.cache
-def load_base(tiny: bool, block_size: int, train_blocks: int, eval_blocks: int):
-    """(model, training blocks, held-out blocks), the same for every method, lr and seed."""
+def load_base(tiny: bool, block_size: int, train_blocks: int, eval_blocks: int, batch_size: int):
+    """(model, training blocks, held-out blocks, the model's held-out perplexity), the same for every method, lr and
+    seed."""
     if tiny:
         tokenizer = word_tokenizer([tiny_corpus(seed=0), tiny_corpus(seed=1)])
         model = tiny_llama(tokenizer, seed=0)
@@ -51,7 +52,8 @@ def load_base(tiny: bool, block_size: int, train_blocks: int, eval_blocks: int):
         random.Random(0).shuffle(train_texts)
         random.Random(0).shuffle(held_out_texts)
     train = token_blocks(tokenizer, train_texts, block_size, train_blocks)
-    return model.eval(), train, token_blocks(tokenizer, held_out_texts, block_size, eval_blocks)
+    held_out = token_blocks(tokenizer, held_out_texts, block_size, eval_blocks)
+    return model.eval(), train, held_out, perplexity(model, held_out, batch_size)
 
 
 @contextlib.contextmanager
@@ -71,8 +73,8 @@ def run(params: dict, peft_config: PeftConfig, seed: int) -> dict:
     after on a held-out batch (`calibration.term_state`)."""
     params = {**params, **(TINY if params.get("tiny") else {})}
     batch_size = params["batch_size"]
-    base, train_blocks, held_out = load_base(
-        params["tiny"], params["block_size"], params["steps"] * batch_size, params["eval_blocks"]
+    base, train_blocks, held_out, frozen_perplexity = load_base(
+        params["tiny"], params["block_size"], params["steps"] * batch_size, params["eval_blocks"], batch_size
     )
     torch.manual_seed(seed)
     constants = params.get("apt_constants")
@@ -80,7 +82,7 @@ def run(params: dict, peft_config: PeftConfig, seed: int) -> dict:
         model = get_peft_model(copy.deepcopy(base), peft_config)
     if params.get("train_only"):
         train_only(model, params["train_only"])
-    probe = held_out[:batch_size]
+    probe, one_block = held_out[:batch_size], {"input_ids": held_out[:1]}  # virtual tokens counted in the FLOPs
     is_apt = isinstance(peft_config, APTConfig)
     measure_term = (lambda: term_state(model.eval(), lambda m: m(input_ids=probe))) if is_apt else dict
     metrics = {f"{key}_before": value for key, value in measure_term().items()}
@@ -100,9 +102,7 @@ def run(params: dict, peft_config: PeftConfig, seed: int) -> dict:
     metrics.update({f"{key}_after": value for key, value in measure_term().items()})
     metrics.update(
         perplexity=perplexity(model, held_out, batch_size),
-        frozen_perplexity=frozen_perplexity(
-            params["tiny"], params["block_size"], len(train_blocks), params["eval_blocks"], batch_size
-        ),
+        frozen_perplexity=frozen_perplexity,
         first_train_loss=losses[0],
         last_train_loss=statistics.mean(losses[-5:]),
         diverged=not all(math.isfinite(x) for x in losses),
@@ -112,22 +112,6 @@ def run(params: dict, peft_config: PeftConfig, seed: int) -> dict:
         "train_losses": losses,
         "train_time_s": round(seconds, 2),
         "trainable_params": count_trainable_parameters(model),
-        "added_forward_flops": added_forward_flops(model, probe[:1]),
+        "added_forward_flops": forward_flops(model, one_block) - forward_flops(base, one_block),
         "model": model,
     }
-
-
-@functools.cache
-def frozen_perplexity(tiny: bool, block_size: int, train_blocks: int, eval_blocks: int, batch_size: int) -> float:
-    base, _, held_out = load_base(tiny, block_size, train_blocks, eval_blocks)
-    return perplexity(base, held_out, batch_size)
-
-
-def added_forward_flops(model, block: torch.Tensor) -> int:
-    """Forward FLOPs the adapter adds on one block (prompt and prefix tuning: their virtual tokens included)."""
-    trainable = {parameter: parameter.requires_grad for parameter in model.parameters()}
-    with model.disable_adapter():
-        frozen = forward_flops(model, {"input_ids": block})
-    for parameter, flag in trainable.items():  # re-enabling an adapter makes all its tensors trainable again
-        parameter.requires_grad_(flag)
-    return forward_flops(model, {"input_ids": block}) - frozen
