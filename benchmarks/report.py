@@ -83,12 +83,14 @@ class Task:
     def best_mean(self, by_lr: dict[float, list[float]]) -> float:
         return statistics.mean(by_lr[self.best_lr(by_lr)])
 
-    def cell(self, values: list[float]) -> str:
-        """`mean ± std` over seeds; `(n=1)` marks a single run."""
+    def cell(self, values: list[float], *notes: str) -> str:
+        """`mean ± std` over seeds, then the `notes` in parentheses, `n=1` first for a single run."""
         digits = self.trainer.METRIC_DIGITS
         if len(values) == 1:
-            return f"{values[0]:.{digits}f} (n=1)"
-        return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+            text, notes = f"{values[0]:.{digits}f}", ("n=1", *notes)
+        else:
+            text = f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+        return f"{text} ({', '.join(notes)})" if notes else text
 
 
 def load_tasks() -> list[Task]:
@@ -119,8 +121,7 @@ def training_loss(result: dict) -> float | None:
 
 
 def is_main(result: dict) -> bool:
-    params = result["run_info"]["train_params"]
-    return "design_study" not in params and "apt_parametrisation" not in params
+    return study_of(result) is None
 
 
 def sweeps(task: Task, results: list[dict], dataset: str | None, value=None) -> dict[str, dict[float, list[float]]]:
@@ -146,8 +147,7 @@ def best_cell(task: Task, by_lr: dict[float, list[float]] | None) -> str:
     if not by_lr:
         return ""
     lr = task.best_lr(by_lr)
-    cell = task.cell(by_lr[lr])
-    return f"{cell[:-1]}, lr {lr:g})" if cell.endswith(")") else f"{cell} (lr {lr:g})"
+    return task.cell(by_lr[lr], f"lr {lr:g}")
 
 
 def datasets_of(task: Task) -> list[str | None]:
@@ -156,13 +156,6 @@ def datasets_of(task: Task) -> list[str | None]:
 
 def first(results: list[dict], label: str) -> dict:
     return next(r for r in results if split_lr(r["run_info"]["experiment"])[0] == label)
-
-
-def adapter_mb(results: list[dict], label: str) -> str:
-    """The saved adapter's size where measured, else 4 bytes (fp32) per trainable parameter."""
-    info = first(results, label)["train_info"]
-    size = info["adapter_file_bytes"] or 4 * info["trainable_params"]
-    return f"{size / 1e6:.2f}"
 
 
 def step_time_ratios(task: Task, tasks: list[Task]) -> dict[str, float]:
@@ -183,8 +176,9 @@ def best_table(task: Task, results: list[dict], tasks: list[Task]) -> list[str]:
     for label in sorted({label for table in per_dataset.values() for label in table}):
         info = first(results, label)["train_info"]
         flops, ratio = info["added_forward_flops"], ratios.get(label.split("/")[0])
+        adapter_bytes = info["adapter_file_bytes"] or 4 * info["trainable_params"]  # where not measured: fp32
         rows.append([label, *(best_cell(task, table.get(label)) for table in per_dataset.values())])
-        rows[-1] += [f"{info['trainable_params']:,}", adapter_mb(results, label)]
+        rows[-1] += [f"{info['trainable_params']:,}", f"{adapter_bytes / 1e6:.2f}"]
         rows[-1] += ["" if flops is None else f"{flops / 1e9:.3g}", f"{ratio:.2f}x" if ratio else ""]
     metric = f"{task.trainer.METRIC}{' %' if task.trainer.METRIC_SCALE == 100 else ''}"
     header = ["method", *(f"{dataset or metric} at the best lr" for dataset in per_dataset)]
@@ -532,11 +526,9 @@ def sweeps_plot(folder: Path, results: list[dict]) -> bool:
                 style["markersize"] = style["markersize"] * 0.6
                 linestyle = "--" if method.endswith("(analytic)") else "-"
                 ax.plot(sweep["values"], values, linestyle=linestyle, label=method, **style)
-            ax.set_xlabel(variable)
-            ax.set_ylabel(ylabel)
+            ax.set(xlabel=variable, ylabel=ylabel)
             if key == "flops":
-                ax.set_yscale("log")
-                ax.set_title(f"one ViLT-B layer, by {variable}")
+                ax.set(yscale="log", title=f"one ViLT-B layer, by {variable}")
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=8)
     fig.tight_layout()
