@@ -416,10 +416,6 @@ def run(params: dict, peft_config: Optional[PeftConfig], seed: int) -> dict:
     first = points[0]
     return dict(
         metrics=first if key is None else {"sweep": key, "points": points},
-        train_losses=None,  # nothing is trained
-        peak_memory_bytes=max(
-            (point["peak_bytes"]["train_step"] for point in points if "peak_bytes" in point), default=None
-        ),
         trainable_params=first["trainable_params"],
         added_forward_flops=first["added_forward_flops"],
         model=None if params["device"] == "meta" else model,  # the runner measures the adapter file of real ones

@@ -41,9 +41,8 @@ def load_experiment(experiment_dir: Path) -> tuple[Path, str, dict, PeftConfig |
     own = experiment_dir / "training_params.json"
     if own.exists():
         params.update(json.loads(own.read_text()))
-    config = (
-        PeftConfig.from_pretrained(str(experiment_dir)) if (experiment_dir / "adapter_config.json").exists() else None
-    )
+    has_adapter = (experiment_dir / "adapter_config.json").exists()
+    config = PeftConfig.from_pretrained(str(experiment_dir)) if has_adapter else None
     return task_dir, f"{experiment_dir.parent.name}/{experiment_dir.name}", params, config
 
 
@@ -64,7 +63,7 @@ def run_once(trainer, params: dict, peft_config: PeftConfig | None, seed: int) -
     start = time.perf_counter()
     outcome = trainer.run(params, peft_config, seed)
     outcome.setdefault("train_time_s", round(time.perf_counter() - start, 2))
-    if on_cuda:  # a trainer may measure its own (the CPU has no allocator statistics)
+    if on_cuda:  # the CPU has no allocator statistics
         outcome["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
     if "model" in outcome:
         outcome["adapter_file_bytes"] = adapter_file_bytes(outcome.pop("model"))

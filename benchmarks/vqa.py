@@ -110,10 +110,6 @@ def to_batch(processor, records: list[dict]) -> dict:
     return answer_batch(processor, images, [r["question"] for r in records], [r["answer"] for r in records])
 
 
-def normalise(answer: str) -> str:
-    return answer.strip().lower().rstrip(".")
-
-
 def evaluate(model, processor, records: list[dict], batch_size: int) -> dict:
     """Exact match of the greedy answers, overall and per question type (`accuracy_yes/no`, ...)."""
     model.eval()
@@ -122,7 +118,7 @@ def evaluate(model, processor, records: list[dict], batch_size: int) -> dict:
         chunk = records[start : start + batch_size]
         images = [load_image(record["image"]) for record in chunk]
         answers = generate_answers(model, processor, images, [r["question"] for r in chunk])
-        correct += [normalise(answer) == record["answer"] for answer, record in zip(answers, chunk)]
+        correct += [answer.strip().lower().rstrip(".") == record["answer"] for answer, record in zip(answers, chunk)]
     metrics = {"accuracy": sum(correct) / len(correct)}
     for kind in QUESTION_TYPES:
         hits = [hit for hit, record in zip(correct, records) if record["question_type"] == kind]
@@ -182,7 +178,7 @@ def run(params: dict, peft_config: PeftConfig | None, seed: int) -> dict:
     optimizer, schedule = optimiser(model, params, steps) if steps else (None, None)
     generator, epochs = torch.Generator().manual_seed(seed), max(1, math.ceil(steps * batch_size / len(train)))
     order = torch.cat([torch.randperm(len(train), generator=generator) for _ in range(epochs)])
-    probe = to_batch(processor, test[: params["batch_size"]])
+    probe = to_batch(processor, test[:batch_size])
     one_sample = to_batch(processor, test[:1])  # unpadded
     added_flops = forward_flops(model, one_sample) - forward_flops(base, one_sample)
 
