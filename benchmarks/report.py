@@ -98,8 +98,7 @@ def load_tasks() -> list[Task]:
     for path in sorted((BENCHMARKS / "tasks").glob("*/default_training_params.json")):
         params = json.loads(path.read_text())
         trainer = importlib.import_module(f"benchmarks.{params['trainer']}")
-        results = [r for r in read_results(path.parent) if r["run_info"]["status"] == "success"]
-        tasks.append(Task(path.parent, params, trainer, results))
+        tasks.append(Task(path.parent, params, trainer, read_results(path.parent)))
     return tasks
 
 
@@ -179,7 +178,7 @@ def best_table(task: Task, results: list[dict], tasks: list[Task]) -> list[str]:
         adapter_bytes = info["adapter_file_bytes"] or 4 * info["trainable_params"]  # where not measured: fp32
         rows.append([label, *(best_cell(task, table.get(label)) for table in per_dataset.values())])
         rows[-1] += [f"{info['trainable_params']:,}", f"{adapter_bytes / 1e6:.2f}"]
-        rows[-1] += ["" if flops is None else f"{flops / 1e9:.3g}", f"{ratio:.2f}x" if ratio else ""]
+        rows[-1] += [f"{flops / 1e9:.3g}", f"{ratio:.2f}x" if ratio else ""]
     metric = f"{task.trainer.METRIC}{' %' if task.trainer.METRIC_SCALE == 100 else ''}"
     header = ["method", *(f"{dataset or metric} at the best lr" for dataset in per_dataset)]
     return markdown_table(header + ["trainable params", "adapter MB", "added GFLOPs", "step vs head-only"], rows)
@@ -247,7 +246,7 @@ def plot(task: Task, results: list[dict]) -> str:
     panels = {}
     for dataset in datasets_of(task):
         for label, by_lr in sweeps(task, results, dataset).items():
-            flops = first(results, label)["train_info"]["added_forward_flops"] or 0
+            flops = first(results, label)["train_info"]["added_forward_flops"]
             panels.setdefault(dataset or task.trainer.METRIC, {})[label] = (flops / 1e9, task.best_mean(by_lr))
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, (title, points) in zip(axes[0], panels.items()):
@@ -300,14 +299,13 @@ def versions(meta_info: dict) -> str:
 
 
 def runs_table(task: Task) -> list[str]:
-    """Every run: its metric, final training loss, training time and the machine and command it ran with."""
+    """Every run: its metric, training time and the machine and command it ran with."""
     machines, commands, rows = {}, {}, []
     for r in task.results:
         run, meta, seconds = r["run_info"], r["meta_info"], r["train_info"]["train_time_s"]
         machine = machines.setdefault(f"{meta['machine'] or 'not recorded'}; {versions(meta)}", len(machines) + 1)
         command = commands.setdefault(meta["command"] or "not recorded", len(commands) + 1)
         value = f"{task.scaled(r):.{task.trainer.METRIC_DIGITS + 1}f}"
-        seconds = "" if seconds is None else seconds
         rows.append([run["experiment"], run["dataset"] or "", run["seed"], value, seconds, machine, command])
     header = ["experiment", "dataset", "seed", task.trainer.METRIC, "train s", "machine", "command"]
     lines = markdown_table(header, rows, left=2)
