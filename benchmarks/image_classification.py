@@ -24,7 +24,6 @@ from transformers import Dinov2Model
 from examples.offline.images import load_dataset
 from examples.tiny_models import tiny_dinov2
 from peft_apt import APTLayer
-from peft_apt.layer import INITIAL_TERM_RATIO
 
 from .baselines import add_deep_prompts, count_trainable_parameters, optimiser_for, train_only
 from .calibration import term_state
@@ -113,8 +112,6 @@ def attach(tail: Dinov2Model, params: dict, peft_config: PeftConfig | None) -> n
     tail.requires_grad_(False)
     if peft_config is not None:
         tail = get_peft_model(tail, peft_config)
-        if params.get("init_ablation"):
-            change_apt_init(tail, **params["init_ablation"])
         return train_only(tail, params["train_only"]) if params.get("train_only") else tail
     baseline = params.get("baseline")
     if baseline == "full":
@@ -128,22 +125,18 @@ def attach(tail: Dinov2Model, params: dict, peft_config: PeftConfig | None) -> n
     return tail
 
 
-@torch.no_grad()
-def change_apt_init(model: nn.Module, small_W1=False, trained_prompt_std=None, term_ratio=None) -> None:
-    """APT's default init changed after the fact, to measure parametrisations not chosen (docs/initialisation.md):
-    `small_W1` draws W1 with variance 1/d; `trained_prompt_std` trains apt_prompt at that std with the multiplier
-    adjusted so that P is unchanged; `term_ratio` scales P so that the initial term is that share of the input."""
-    for layer in model.modules():
-        if isinstance(layer, APTLayer):
-            W1, prompts = layer.apt_W1["default"], layer.prompts("default")
-            if small_W1:
-                W1.div_(math.sqrt(W1.shape[0]))
-            if term_ratio:
-                prompts = prompts * (term_ratio / INITIAL_TERM_RATIO) ** (1 / 3)
-                layer.apt_prompt["default"].copy_(prompts / layer.prompt_scale("default"))
-            if trained_prompt_std:
-                layer.multipliers["default"]["prompt"] = prompts.std().item() / trained_prompt_std
-                layer.apt_prompt["default"].copy_(prompts / layer.prompt_scale("default"))
+def fit_linear_probe(head: nn.Linear, features: torch.Tensor, labels: torch.Tensor, l2: float) -> None:
+    """Fit the head to the frozen model's training features by L-BFGS over the whole set (cross-entropy plus `l2`
+    times the squared weights): linear probing, so that the steps that follow start from a trained head."""
+    optimizer = torch.optim.LBFGS(head.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(head(features), labels) + l2 * head.weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
 
 
 def added_forward_flops(base: Dinov2Model, adapted: nn.Module, hidden: torch.Tensor) -> int:
@@ -159,13 +152,18 @@ def added_forward_flops(base: Dinov2Model, adapted: nn.Module, hidden: torch.Ten
 
 def run(params: dict, peft_config: PeftConfig | None, seed: int) -> dict:
     """Train the method and a fresh linear head (AdamW, linear warm-up, cosine decay, or the authors' optimiser with
-    `optimiser: reference`); test accuracy and what explains it."""
+    `optimiser: reference`; with `linear_probe_l2`, the head is first fitted to the frozen features); test accuracy
+    and what explains it."""
     params = {**params, **(TINY if params.get("tiny") else {})}
     key = ("tiny", "weights", "device", "textile_root", "dataset", "size", "n_train", "n_test", "adapted_layers")
     data, base = prepare(tuple((k, params.get(k)) for k in key) + (("seed", seed),))
     torch.manual_seed(seed)
     tail = attach(copy.deepcopy(base), params, peft_config)
     head = nn.Linear(2 * base.config.hidden_size, data["num_classes"])
+    if "linear_probe_l2" in params:
+        with torch.no_grad():
+            frozen_train_features = batched_features(base, data["train_hidden"])
+        fit_linear_probe(head, frozen_train_features, data["train_labels"], params["linear_probe_l2"])
     probe = data["test_hidden"][:64]
     is_apt = any(isinstance(module, APTLayer) for module in tail.modules())
     measure_term = (lambda: term_state(tail.eval(), lambda m: pooled_features(m, probe))) if is_apt else dict
