@@ -158,11 +158,13 @@ def first(results: list[dict], label: str) -> dict:
 
 
 def step_time_ratios(task: Task, tasks: list[Task]) -> dict[str, float]:
-    """{method folder: training step / head-only's} from the cost-task results measured on this task's model."""
+    """{method folder: training step / head-only's} from the cost-task results measured on this task's model at its
+    image size."""
     ratios = {}
     for result in (result for other in tasks for result in other.results):
-        measured = result["train_info"]["metrics"].get("step_time_ratio")
-        if result["run_info"]["train_params"].get("model") == task.params["model"] and isinstance(measured, dict):
+        measured, params = result["train_info"]["metrics"].get("step_time_ratio"), result["run_info"]["train_params"]
+        same_setup = all(params.get(key) == task.params.get(key) for key in ("model", "size"))
+        if same_setup and isinstance(measured, dict):
             ratios.update(measured)
     return ratios
 
