@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from peft import PeftConfig, get_peft_model
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 from transformers import Dinov2Model
 
 from examples.offline.images import load_dataset
@@ -27,6 +26,7 @@ from peft_apt import APTLayer
 
 from .baselines import add_deep_prompts, count_trainable_parameters, optimiser_for, train_only
 from .calibration import term_state
+from .cost import count_flops
 
 METRIC = "accuracy"
 HIGHER_IS_BETTER = True
@@ -140,12 +140,11 @@ def fit_linear_probe(head: nn.Linear, features: torch.Tensor, labels: torch.Tens
 
 
 def added_forward_flops(base: Dinov2Model, adapted: nn.Module, hidden: torch.Tensor) -> int:
-    """Forward FLOPs per image the method adds to the frozen tail (unmerged LoRA counted as run)."""
+    """Forward FLOPs per image the method adds to the frozen tail (unmerged LoRA counted as run, deep prompts' attention
+    included)."""
 
     def flops(module):
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            pooled_features(module, hidden[:1])
-        return counter.get_total_flops()
+        return count_flops(torch.no_grad()(lambda: pooled_features(module, hidden[:1])))
 
     return flops(adapted) - flops(base)
 
