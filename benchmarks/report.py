@@ -42,6 +42,9 @@ DIAGNOSTICS = {
     "attention_change_train": "attention change, training blocks",
     "attention_change_held_out": "held-out blocks",
     "initial_feature_cosine": "initial feature cosine",
+    "answer_image_attention": "answer's attention on the image",
+    "aligned_answer_image_attention": "aligned model's",
+    "answer_attention_change": "answer's attention moved (TV)",
 }
 STYLE = {  # of the methods in the plots, matched on their family name: `apt/p50` and `APT (analytic)` look like `APT`
     "APT": dict(color="tab:red", marker="*", markersize=14),
@@ -195,7 +198,7 @@ def lr_table(task: Task, table: dict[str, dict[float, list[float]]], cell=None) 
 
 
 def diagnostics_table(results: list[dict]) -> list[str]:
-    """Means over seeds of the diagnostics the runs recorded, per method, dataset and rate."""
+    """Means over the seeds that recorded them of the runs' diagnostics, per method, dataset and rate."""
     runs = {}
     for r in results:
         label, lr = split_lr(r["run_info"]["experiment"])
@@ -205,7 +208,8 @@ def diagnostics_table(results: list[dict]) -> list[str]:
         return []
     rows = []
     for (label, dataset, lr), metrics in sorted(runs.items()):
-        means = [f"{statistics.mean(m[k] for m in metrics):.3f}" if k in metrics[0] else "" for k in keys]
+        recorded = [[m[k] for m in metrics if k in m] for k in keys]  # runs older than a diagnostic lack it
+        means = [f"{statistics.mean(values):.3f}" if values else "" for values in recorded]
         rows.append([label, dataset, f"{lr:g}", *means])
     return markdown_table(["method", "dataset", "lr", *(DIAGNOSTICS[k] for k in keys)], rows, left=2)
 

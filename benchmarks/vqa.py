@@ -166,6 +166,31 @@ def training_memory_bytes(model, batch: dict) -> int:
     return saved_for_backward_bytes(model, lambda: answer_loss(model.train(), batch)) + 3 * trainable
 
 
+def answer_reading(model, frozen, batch: dict) -> dict:
+    """How the position that predicts the answer reads the image, against the aligned model: its attention mass on
+    the image tokens and the total-variation distance of its attention rows from the aligned model's, averaged over
+    the language model's layers and heads and the questions (prefix tuning's virtual keys left out)."""
+    inputs = {name: value for name, value in batch.items() if name != "labels"}
+    questions, length = torch.arange(len(inputs["input_ids"])), inputs["input_ids"].shape[1]
+    answer_query = (batch["labels"] != -100).int().argmax(-1) - 1 - length  # from the end: prompt tuning prepends
+    image = (inputs["input_ids"] == frozen.config.image_token_id)[None, :, None]  # (layer, question, head, key)
+
+    def attention_rows(module) -> torch.Tensor:
+        previous = module.config._attn_implementation
+        module.set_attn_implementation("eager")  # the only one that returns the attention weights
+        with torch.no_grad():
+            attentions = module(**inputs, output_attentions=True).attentions
+        module.set_attn_implementation(previous)
+        return torch.stack([a[questions, :, answer_query, -length:] for a in attentions])
+
+    adapted, aligned = attention_rows(model.eval()), attention_rows(frozen)
+    return {
+        "answer_image_attention": float((adapted * image).sum(-1).mean()),
+        "aligned_answer_image_attention": float((aligned * image).sum(-1).mean()),
+        "answer_attention_change": float(0.5 * (adapted - aligned).abs().sum(-1).mean()),
+    }
+
+
 def run(params: dict, peft_config: PeftConfig | None, seed: int) -> dict:
     params = {**params, **(TINY if params.get("tiny") else {})}
     base, processor = load_model(bool(params.get("tiny")))
@@ -197,6 +222,7 @@ def run(params: dict, peft_config: PeftConfig | None, seed: int) -> dict:
     seconds = time.perf_counter() - start
 
     metrics = evaluate(model, processor, test, params["eval_batch_size"])
+    metrics.update(answer_reading(model, base, to_batch(processor, test[:: len(test) // params["eval_batch_size"]])))
     metrics["final_train_loss"] = statistics.mean(losses[-max(1, steps // 10) :]) if losses else None
     metrics["projector_params"] = sum(p.numel() for n, p in model.named_parameters() if f"{PROJECTOR}." in n)
     metrics["training_memory_bytes"] = memory

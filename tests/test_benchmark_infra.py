@@ -236,3 +236,38 @@ def test_linear_probe_reaches_the_regularised_optimum():
     loss = torch.nn.functional.cross_entropy(head(features), labels) + 1e-2 * head.weight.square().sum()
     gradients = torch.autograd.grad(loss, list(head.parameters()))
     assert max(g.abs().max().item() for g in gradients) < 1e-4  # stationary: the convex objective's minimum
+
+
+def test_answer_reading_measures_the_answer_position_against_the_aligned_model():
+    import copy
+
+    from peft import PromptTuningConfig, get_peft_model
+
+    from benchmarks.vqa import answer_reading, balanced_test_questions, load_model, to_batch
+
+    model, processor = load_model(tiny=True)
+    batch = to_batch(processor, balanced_test_questions(2, 0)[:3])
+    inputs = {name: value for name, value in batch.items() if name != "labels"}
+    length = inputs["input_ids"].shape[1]
+
+    def reference_mass(module) -> float:
+        """One eager forward; per question, the row before its first label (counted from the end, where prompt
+        tuning's tokens are not), summed over the image tokens, averaged over layers and heads."""
+        module.set_attn_implementation("eager")
+        with torch.no_grad():
+            attentions = module(**inputs, output_attentions=True).attentions
+        module.set_attn_implementation("sdpa")
+        masses = []
+        for row, labels in enumerate(batch["labels"]):
+            query = int((labels != -100).nonzero()[0]) - 1 - length
+            image = inputs["input_ids"][row] == model.config.image_token_id
+            masses += [float(layer[row, :, query, -length:][:, image].sum(-1).mean()) for layer in attentions]
+        return sum(masses) / len(masses)
+
+    same = answer_reading(model, model, batch)
+    assert same["answer_attention_change"] == 0.0
+    assert same["aligned_answer_image_attention"] == pytest.approx(reference_mass(model), rel=1e-5)
+    prompted = get_peft_model(copy.deepcopy(model), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    reading = answer_reading(prompted, model, batch)
+    assert reading["answer_image_attention"] == pytest.approx(reference_mass(prompted), rel=1e-5)
+    assert reading["answer_attention_change"] > 0.0
