@@ -13,10 +13,10 @@ import torch
 import transformers as T
 from families import BLIP_QFORMER, FAMILIES, IMAGE_TOKEN, TOKENS, VLM_FAMILIES, VLM_VISION
 from peft import PeftModel, get_peft_model
-from reference import adapter_tensors, initial_term_ratios, randomise_adapter, reference_hooks, run
+from reference import initial_term_ratios, randomise_adapter, run
 from safetensors import safe_open
-from test_decoders import generate
-from test_families import P, R, adapted_paths, give_norms_random_gains
+from test_decoders import assert_cached_generation_is_exact
+from test_families import P, R, adapted_paths, give_norms_random_gains, outputs_matching_reference
 from test_serving import assert_each_sample_uses_its_adapter, with_two_adapters
 
 from peft_apt import APTConfig
@@ -53,14 +53,7 @@ def test_defaults_adapt_each_language_model_block_once_and_nothing_else(adapted)
 
 def test_output_matches_independent_reference(adapted):
     family, model, reference, inputs = adapted
-    with torch.no_grad():
-        got = run(model, inputs)
-        base = run(reference, inputs)
-        with reference_hooks(reference, family, adapter_tensors(model, family.attention_paths)):
-            want = run(reference, inputs)
-    assert len(got) == len(want) > 0
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    got, base = outputs_matching_reference(model, reference, family, inputs)
     assert (got[0] - base[0]).abs().max() > 1e-2  # the adapter really moves the output
 
 
@@ -93,15 +86,7 @@ def test_save_load_round_trip_is_exact(adapted, tmp_path):
 
 def test_generate_with_images_and_kv_cache_equals_without(adapted):
     family, model, _, _ = adapted
-    with torch.no_grad():
-        cached, cached_scores = generate(model, family, use_cache=True)
-        uncached, uncached_scores = generate(model, family, use_cache=False)
-        with model.disable_adapter():
-            _, base_scores = generate(model, family, use_cache=True)
-    assert torch.equal(cached, uncached)
-    torch.testing.assert_close(cached_scores, uncached_scores, rtol=1e-4, atol=1e-4)
-    finite = cached_scores.isfinite()
-    assert (cached_scores - base_scores)[finite].abs().max() > 1e-2
+    assert_cached_generation_is_exact(model, family)
 
 
 @pytest.mark.parametrize("family", VLMS, ids=lambda family: family.name)
