@@ -3,8 +3,10 @@
 Writes benchmarks/RESULTS.md (per task the methods at their best learning rate, and their plot against the FLOPs they
 add), each task's RESULTS.md (every rate, seed, training loss, command line and machine),
 benchmarks/DESIGN_STUDIES.md (experiments with `design_study`, APT parametrisations other than the installed one, and
-the tasks kept off the front page) and the table "Where APT trails LoRA" in the top-level README. The cost task, whose
-results are measurements per model rather than one metric per method, has pages of its own (the end of this file).
+the tasks kept off the front page), the table "Where APT trails LoRA" in the top-level README and the tables between
+`<!-- BEGIN <task> breakdown -->` markers in docs/ (every rate of the task with the metric's parts and the runs' own
+cost measurements). The cost task, whose results are measurements per model rather than one metric per method, has
+pages of its own (the end of this file).
 Nothing is measured here: every figure comes from `tasks/*/results/*.json`.
 """
 
@@ -46,6 +48,13 @@ DIAGNOSTICS = {
     "aligned_answer_image_attention": "aligned model's",
     "answer_attention_change": "answer's attention moved (TV)",
 }
+RUN_COSTS = {  # what a run measured of its own cost: (column, scale, format)
+    "training_memory_bytes": ("training memory MB", 1e-6, "{:.0f}"),
+    "step_time_ratio": ("training step", 1, "{:.2f}x"),
+    "inference_time_ratio": ("inference", 1, "{:.2f}x"),
+}
+DOCS = BENCHMARKS.parent / "docs"
+BREAKDOWN = re.compile(r"(<!-- BEGIN (\S+) breakdown -->\n).*?(<!-- END \2 breakdown -->)", re.S)
 STYLE = {  # of the methods in the plots, matched on their family name: `apt/p50` and `APT (analytic)` look like `APT`
     "APT": dict(color="tab:red", marker="*", markersize=14),
     "deep prompt": dict(color="tab:blue", marker="o", markersize=8),
@@ -212,6 +221,50 @@ def diagnostics_table(results: list[dict]) -> list[str]:
         means = [f"{statistics.mean(values):.3f}" if values else "" for values in recorded]
         rows.append([label, dataset, f"{lr:g}", *means])
     return markdown_table(["method", "dataset", "lr", *(DIAGNOSTICS[k] for k in keys)], rows, left=2)
+
+
+def breakdown_table(task: Task) -> list[str]:
+    """Every method and rate: the metric and its parts (`accuracy_shape`, ...) as mean ± std over seeds, the final
+    training loss, and what the run cost (its own measurements, from the seeds that took them)."""
+    runs = {}
+    for r in task.results:
+        runs.setdefault(split_lr(r["run_info"]["experiment"]), []).append(r)
+    metrics = list(dict.fromkeys(m for r in task.results for m in r["train_info"]["metrics"]))
+    parts = [m for m in metrics if m.startswith(f"{task.trainer.METRIC}_")]
+    costs = [key for key in RUN_COSTS if key in metrics]
+    scale = task.trainer.METRIC_SCALE
+    rows = []
+    for (label, lr), group in sorted(runs.items()):
+        recorded = [[r["train_info"]["metrics"].get(key) for r in group] for key in (task.trainer.METRIC, *parts)]
+        measured = [[scale * v for v in values if v is not None] for values in recorded]
+        cells = [task.cell(values).removesuffix(" (n=1)") if values else "" for values in measured]
+        losses, info = [training_loss(r) for r in group if training_loss(r) is not None], group[0]["train_info"]
+        adapter = info["adapter_file_bytes"]
+        row = [label, f"{lr:g}", "/".join(str(r["run_info"]["seed"]) for r in group), *cells]
+        row += [f"{statistics.mean(losses):.2f}" if losses else "", f"{info['trainable_params']:,}"]
+        row += [f"{adapter / 1e6:.2f}" if adapter else "", f"{info['added_forward_flops'] / 1e9:.3f}"]
+        for key in costs:
+            _, factor, form = RUN_COSTS[key]
+            taken = [r["train_info"]["metrics"][key] for r in group if r["train_info"]["metrics"].get(key)]
+            row.append(form.format(factor * statistics.mean(taken)) if taken else "")
+        rows.append(row)
+    header = ["method", "lr", "seeds", f"{task.trainer.METRIC} %" if scale == 100 else task.trainer.METRIC]
+    header += [part.removeprefix(f"{task.trainer.METRIC}_") for part in parts]
+    header += ["final training loss", "trainable params", "adapter MB", "added GFLOPs"]
+    return markdown_table(header + [RUN_COSTS[key][0] for key in costs], rows, left=3)
+
+
+def write_docs_breakdowns(tasks: list[Task]) -> None:
+    """Fills each `<!-- BEGIN <task> breakdown -->` block of docs/*.md with that task's `breakdown_table`."""
+    by_name = {task.name: task for task in tasks}
+    for page in sorted(DOCS.glob("*.md")):
+        text = page.read_text()
+
+        def table(match: re.Match) -> str:
+            return match[1] + "\n".join(breakdown_table(by_name[match[2]])) + "\n" + match[3]
+
+        if BREAKDOWN.search(text):
+            page.write_text(BREAKDOWN.sub(table, text))
 
 
 def answer(task: Task, results: list[dict]) -> str:
@@ -599,6 +652,7 @@ def main() -> None:
     kept = CALIBRATION.search(design.read_text()) if design.exists() else None
     design.write_text(design_page(tasks, kept.group(0) if kept else ""))
     write_readme_table(tasks)
+    write_docs_breakdowns(tasks)
 
 
 if __name__ == "__main__":

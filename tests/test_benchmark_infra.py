@@ -228,6 +228,34 @@ def test_report_tables_take_each_method_at_the_lr_its_seeds_went_to():
     assert report.split_lr("head-only/lr5.5e-3") == ("head-only", 0.0055) and task.steps == 6
 
 
+def test_docs_breakdown_blocks_hold_every_rate_with_its_parts_and_costs(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from benchmarks import report
+
+    trainer = SimpleNamespace(METRIC="accuracy", HIGHER_IS_BETTER=True, METRIC_SCALE=100, METRIC_DIGITS=1)
+
+    def result(seed, accuracy, shape, timed):
+        metrics = {"accuracy": accuracy, "accuracy_shape": shape, "final_train_loss": 0.5 + seed}
+        metrics |= {"training_memory_bytes": 2.5e8, "step_time_ratio": 1.25} if timed else {}
+        info = {"metrics": metrics, "trainable_params": 4096, "adapter_file_bytes": 16_400, "added_forward_flops": 5e8}
+        return {"run_info": {"experiment": "apt/p200-lr1e-2", "dataset": None, "seed": seed}, "train_info": info}
+
+    task = report.Task(tmp_path / "vqa-task", {}, trainer, [result(0, 0.5, 0.25, True), result(1, 0.4, None, False)])
+    page = tmp_path / "vqa.md"
+    page.write_text("Intro.\n<!-- BEGIN vqa-task breakdown -->\nold table\n<!-- END vqa-task breakdown -->\nEnd.\n")
+    monkeypatch.setattr(report, "DOCS", tmp_path)
+    report.write_docs_breakdowns([task])
+    header = "| method | lr | seeds | accuracy % | shape | final training loss | trainable params | adapter MB |"
+    header += " added GFLOPs | training memory MB | training step |"
+    # mean ± sample std of the seeds; a part or cost only from the seeds that recorded it
+    row = "| apt/p200 | 0.01 | 0/1 | 45.0 ± 7.1 | 25.0 | 1.00 | 4,096 | 0.02 | 0.500 | 250 | 1.25x |"
+    assert page.read_text() == (
+        f"Intro.\n<!-- BEGIN vqa-task breakdown -->\n{header}\n|---|---|---|{'---:|' * 8}\n{row}\n"
+        "<!-- END vqa-task breakdown -->\nEnd.\n"
+    )
+
+
 def test_linear_probe_reaches_the_regularised_optimum():
     torch.manual_seed(0)
     features, labels = torch.randn(30, 8) + 2.0, torch.arange(30) % 3
