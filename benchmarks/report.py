@@ -206,17 +206,23 @@ def lr_table(task: Task, table: dict[str, dict[float, list[float]]], cell=None) 
     return markdown_table(["method", *(f"lr {lr:g}" for lr in lrs)], rows)
 
 
-def diagnostics_table(results: list[dict]) -> list[str]:
-    """Means over the seeds that recorded them of the runs' diagnostics, per method, dataset and rate."""
+def runs_by_rate(results: list[dict]) -> dict[tuple[str, str, float], list[dict]]:
+    """{(method label, dataset or "", lr): [result per seed]}, sorted."""
     runs = {}
     for r in results:
         label, lr = split_lr(r["run_info"]["experiment"])
-        runs.setdefault((label, r["run_info"]["dataset"] or "", lr), []).append(r["train_info"]["metrics"])
+        runs.setdefault((label, r["run_info"]["dataset"] or "", lr), []).append(r)
+    return dict(sorted(runs.items()))
+
+
+def diagnostics_table(results: list[dict]) -> list[str]:
+    """Means over the seeds that recorded them of the runs' diagnostics, per method, dataset and rate."""
+    runs = {key: [r["train_info"]["metrics"] for r in group] for key, group in runs_by_rate(results).items()}
     keys = [key for key in DIAGNOSTICS if any(key in m for metrics in runs.values() for m in metrics)]
     if not keys:
         return []
     rows = []
-    for (label, dataset, lr), metrics in sorted(runs.items()):
+    for (label, dataset, lr), metrics in runs.items():
         recorded = [[m[k] for m in metrics if k in m] for k in keys]  # runs older than a diagnostic lack it
         means = [f"{statistics.mean(values):.3f}" if values else "" for values in recorded]
         rows.append([label, dataset, f"{lr:g}", *means])
@@ -225,22 +231,21 @@ def diagnostics_table(results: list[dict]) -> list[str]:
 
 def breakdown_table(task: Task) -> list[str]:
     """Every method and rate: the metric and its parts (`accuracy_shape`, ...) as mean ± std over seeds, the final
-    training loss, and what the run cost (its own measurements, from the seeds that took them)."""
-    runs = {}
-    for r in task.results:
-        runs.setdefault(split_lr(r["run_info"]["experiment"]), []).append(r)
+    training loss, and what the run cost (its own measurements, from the seeds that took them). A task with datasets
+    has a row per dataset."""
     metrics = list(dict.fromkeys(m for r in task.results for m in r["train_info"]["metrics"]))
     parts = [m for m in metrics if m.startswith(f"{task.trainer.METRIC}_")]
     costs = [key for key in RUN_COSTS if key in metrics]
     scale = task.trainer.METRIC_SCALE
     rows = []
-    for (label, lr), group in sorted(runs.items()):
+    for (label, dataset, lr), group in runs_by_rate(task.results).items():
         recorded = [[r["train_info"]["metrics"].get(key) for r in group] for key in (task.trainer.METRIC, *parts)]
         measured = [[scale * v for v in values if v is not None] for values in recorded]
         cells = [task.cell(values).removesuffix(" (n=1)") if values else "" for values in measured]
-        losses, info = [training_loss(r) for r in group if training_loss(r) is not None], group[0]["train_info"]
+        losses = [loss for r in group if (loss := training_loss(r)) is not None]
+        info, seeds = group[0]["train_info"], "/".join(str(r["run_info"]["seed"]) for r in group)
         adapter = info["adapter_file_bytes"]
-        row = [label, f"{lr:g}", "/".join(str(r["run_info"]["seed"]) for r in group), *cells]
+        row = [f"{label}, {dataset}" if dataset else label, f"{lr:g}", seeds, *cells]
         row += [f"{statistics.mean(losses):.2f}" if losses else "", f"{info['trainable_params']:,}"]
         row += [f"{adapter / 1e6:.2f}" if adapter else "", f"{info['added_forward_flops'] / 1e9:.3f}"]
         for key in costs:
@@ -263,8 +268,8 @@ def write_docs_breakdowns(tasks: list[Task]) -> None:
         def table(match: re.Match) -> str:
             return match[1] + "\n".join(breakdown_table(by_name[match[2]])) + "\n" + match[3]
 
-        if BREAKDOWN.search(text):
-            page.write_text(BREAKDOWN.sub(table, text))
+        if (filled := BREAKDOWN.sub(table, text)) != text:
+            page.write_text(filled)
 
 
 def answer(task: Task, results: list[dict]) -> str:

@@ -254,6 +254,11 @@ def test_docs_breakdown_blocks_hold_every_rate_with_its_parts_and_costs(tmp_path
         f"Intro.\n<!-- BEGIN vqa-task breakdown -->\n{header}\n|---|---|---|{'---:|' * 8}\n{row}\n"
         "<!-- END vqa-task breakdown -->\nEnd.\n"
     )
+    # a task with datasets: a row per dataset, never their runs pooled
+    run_info = {"experiment": "apt/p200-lr1e-2", "seed": 0}
+    by_dataset = [result(0, 0.5, 0.25, True) | {"run_info": run_info | {"dataset": d}} for d in ("digits", "textile")]
+    rows = report.breakdown_table(report.Task(tmp_path / "image-task", {}, trainer, by_dataset))[2:]
+    assert [row.split(" | ")[0] for row in rows] == ["| apt/p200, digits", "| apt/p200, textile"]
 
 
 def test_linear_probe_reaches_the_regularised_optimum():
